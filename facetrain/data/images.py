@@ -1,0 +1,35 @@
+"""Reading face images from disk: one place that decides what counts as a readable image."""
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".pgm"})
+
+# What PIL raises for a file that is not a decodable image (truncated, zero bytes, not an image).
+DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError)
+
+
+class DatasetError(RuntimeError):
+    """A dataset cannot be used as configured; the message says which path and what to do."""
+
+
+def is_image_file(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def check_image_header(path: Path) -> str | None:
+    """Return why ``path`` is not a readable image, or None. Reads the header only (fast)."""
+    try:
+        with Image.open(path) as image:
+            image.size  # noqa: B018 - parsing the size is the check
+    except DECODE_ERRORS as error:
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
+def read_rgb(path: str | Path) -> np.ndarray:
+    """Decode an image file to an (H, W, 3) uint8 RGB array (grayscale and RGBA converted)."""
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))

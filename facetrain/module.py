@@ -1,0 +1,152 @@
+"""The LightningModule: backbone → embedding → head → cross-entropy. Wiring, optimisation and
+logging only; the model math lives in ``backbones/`` and ``heads/``."""
+
+import logging
+from collections.abc import Callable, Mapping
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from pytorch_lightning.loggers import TensorBoardLogger
+from torch import nn
+
+from facetrain.evaluation import embed, kfold_verification, pair_scores
+
+log = logging.getLogger(__name__)
+
+
+class FaceRecognitionModule(pl.LightningModule):
+    """Trains ``backbone`` + ``head`` with cross-entropy; validates on verification pairs.
+
+    ``optimizer`` is a factory taking parameter groups (a Hydra ``_partial_``);
+    ``scheduler`` takes the optimizer and the total number of optimizer steps.
+    ``weight_decay`` gives each parameter group its own decay: ``{"backbone": .., "head": ..}``.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        head: nn.Module,
+        optimizer: Callable,
+        scheduler: Callable | None = None,
+        weight_decay: Mapping[str, float] | None = None,
+        flip_test: bool = True,
+        histogram_every_n_steps: int = 100,
+        channels_last: bool = False,
+    ):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.weight_decay = dict(weight_decay or {"backbone": 5e-4, "head": 5e-4})
+        self.flip_test = flip_test
+        self.histogram_every_n_steps = histogram_every_n_steps
+        self.channels_last = channels_last
+        if channels_last:  # NHWC convolutions: ~1.6x faster MobileFaceNet steps on CPU (oneDNN)
+            self.backbone.to(memory_format=torch.channels_last)
+        self.verification_results: dict[str, dict[str, float]] = {}
+        self._val_embeddings: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.backbone(images)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        images, targets = batch
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images, targets
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        images, labels = batch
+        embeddings = self.backbone(images)
+        loss = F.cross_entropy(self.head(embeddings, labels), labels)
+        extra = self.head.extra_loss()
+        if extra is not None:
+            self.log("train/head_extra_loss", extra)
+            loss = loss + extra
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"training loss is {loss.item()} at step {self.global_step} (epoch "
+                f"{self.current_epoch}); lower optimizer.lr or add warm-up, then resume from the "
+                f"last good checkpoint in the run's checkpoints/ folder with ckpt_path=..."
+            )
+        self.log("train/loss", loss, prog_bar=True)
+        self._log_head_statistics(embeddings.detach(), labels)
+        return loss
+
+    def _log_head_statistics(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
+        """Head statistics on logging steps only: they cost an extra class-matrix product."""
+        # Lightning writes logged values on the steps where (step + 1) % log_every_n_steps == 0.
+        step = self.global_step + 1
+        scalars = step % self.trainer.log_every_n_steps == 0
+        histograms = step % self.histogram_every_n_steps == 0 and isinstance(
+            self.logger, TensorBoardLogger
+        )
+        if not (scalars or histograms):
+            return
+        stats = self.head.statistics(embeddings, labels)
+        if scalars:
+            self.log("train/accuracy", stats["accuracy"], prog_bar=True)
+            self.log("train/theta_y_deg", stats["theta_y"].mean())
+            self.log("train/theta_max_negative_deg", stats["theta_max_negative"].mean())
+            self.log("train/cos_max_negative", stats["cos_max_negative"])
+            self.log("train/hard_negative_fraction", stats["hard_negative_fraction"])
+            for name, value in self.head.state_metrics().items():
+                self.log(f"train/head_{name}", value)
+        if histograms:
+            writer = self.logger.experiment
+            for name in ("theta_y", "theta_max_negative"):
+                writer.add_histogram(f"train/{name}_deg", stats[name], self.global_step)
+
+    def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        images, indices = batch
+        embeddings = embed(self.backbone, images, self.flip_test)
+        self._val_embeddings.setdefault(dataloader_idx, []).append((indices, embeddings))
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_embeddings.clear()
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:  # a few batches only: no meaningful verification
+            self._val_embeddings.clear()
+            return
+        accuracies = []
+        for loader_idx, dataset in enumerate(self._verification_datasets()):
+            embeddings = self._gather_embeddings(loader_idx, len(dataset))
+            result = kfold_verification(pair_scores(embeddings, dataset.pairs), dataset.same)
+            self.verification_results[dataset.name] = result.as_dict()
+            for key, value in result.as_dict().items():
+                self.log(f"val/{dataset.name}/{key}", float(value), add_dataloader_idx=False)
+            accuracies.append(result.accuracy)
+        self.log("val/accuracy", float(np.mean(accuracies)), prog_bar=True)
+        self._val_embeddings.clear()
+
+    def _verification_datasets(self) -> list:
+        loaders = self.trainer.val_dataloaders
+        loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
+        return [loader.dataset for loader in loaders]
+
+    def _gather_embeddings(self, loader_idx: int, num_images: int) -> torch.Tensor:
+        """All of a set's embeddings, placed by image index (gathered across DDP ranks)."""
+        indices, embeddings = map(torch.cat, zip(*self._val_embeddings[loader_idx], strict=True))
+        indices, embeddings = self.all_gather(indices), self.all_gather(embeddings)
+        indices, embeddings = indices.reshape(-1), embeddings.reshape(-1, embeddings.shape[-1])
+        placed = embeddings.new_zeros(num_images, embeddings.shape[1])
+        placed[indices] = embeddings
+        return placed
+
+    def configure_optimizers(self):
+        groups = [
+            {"params": list(part.parameters()), "weight_decay": self.weight_decay[name]}
+            for name, part in (("backbone", self.backbone), ("head", self.head))
+        ]
+        optimizer = self.optimizer_factory(groups)
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(
+            optimizer, total_steps=self.trainer.estimated_stepping_batches
+        )
+        schedule = {"scheduler": scheduler, "interval": "step"}
+        return {"optimizer": optimizer, "lr_scheduler": schedule}

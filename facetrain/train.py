@@ -1,0 +1,112 @@
+"""``python train.py [overrides]``: build data, backbone, head and trainer from the Hydra config,
+train, and report verification accuracy (also written to ``metrics.json`` in the run folder)."""
+
+import json
+import logging
+from pathlib import Path
+
+import hydra
+import pytorch_lightning as pl
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from facetrain.checkpoint import AtomicCheckpointIO
+from facetrain.data.images import DatasetError
+from facetrain.evaluation import evaluate_pairs
+from facetrain.module import FaceRecognitionModule
+
+log = logging.getLogger(__name__)
+
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
+
+
+def measure_baselines(
+    model: FaceRecognitionModule, datamodule, trainer: pl.Trainer
+) -> dict[str, dict[str, float]]:
+    """Verification accuracy of raw pixels and of the untrained network, per verification set:
+    what training has to beat."""
+    raw_pixels = {
+        loader.dataset.name: evaluate_pairs(nn.Flatten(), loader).accuracy
+        for loader in datamodule.val_dataloader()
+    }
+    trainer.validate(model, datamodule=datamodule, verbose=False)
+    untrained = {name: r["accuracy"] for name, r in model.verification_results.items()}
+    return {"raw_pixels": raw_pixels, "untrained": untrained}
+
+
+def report(metrics: dict) -> str:
+    lines = [f"{'verification set':<20}{'raw pixels':>12}{'untrained':>12}{'trained':>22}"]
+    baselines = metrics.get("baselines", {})
+    for name, result in metrics["verification"].items():
+        raw = baselines.get("raw_pixels", {}).get(name, float("nan"))
+        untrained = baselines.get("untrained", {}).get(name, float("nan"))
+        trained = f"{result['accuracy']:.4f} ± {result['accuracy_std']:.4f}"
+        lines.append(f"{name:<20}{raw:>12.4f}{untrained:>12.4f}{trained:>22}")
+    return "\n".join(lines)
+
+
+def train(cfg: DictConfig) -> dict:
+    """Run one training job from a composed config; return the final metrics."""
+    pl.seed_everything(cfg.seed, workers=True)
+    output_dir = Path(HydraConfig.get().runtime.output_dir)
+
+    datamodule = instantiate(cfg.data)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    backbone = instantiate(cfg.backbone)
+    head = instantiate(
+        cfg.loss, embedding_size=backbone.embedding_size, num_classes=datamodule.num_classes
+    )
+    model = FaceRecognitionModule(
+        backbone,
+        head,
+        optimizer=instantiate(cfg.optimizer),
+        scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
+        **cfg.model,
+    )
+    if not datamodule.verification_sets:
+        log.warning("no verification sets configured (data.verification): keeping only last.ckpt")
+        cfg.callbacks.checkpoint.monitor = None
+    loggers = [instantiate(cfg.logger)] if cfg.get("logger") else []
+    callbacks = [instantiate(c) for c in cfg.callbacks.values()]
+    trainer = instantiate(
+        cfg.trainer, logger=loggers, callbacks=callbacks, plugins=[AtomicCheckpointIO()]
+    )
+
+    metrics: dict = {}
+    if cfg.measure_baselines and cfg.ckpt_path is None and datamodule.verification_sets:
+        metrics["baselines"] = measure_baselines(model, datamodule, trainer)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+
+    checkpoint = trainer.checkpoint_callback
+    metrics.update(
+        verification=model.verification_results,
+        best={
+            "val/accuracy": float(checkpoint.best_model_score)
+            if checkpoint and checkpoint.best_model_score is not None else None,
+            "checkpoint": checkpoint.best_model_path if checkpoint else None,
+        },
+        epochs=trainer.current_epoch,
+        steps=trainer.global_step,
+        num_classes=datamodule.num_classes,
+        num_train_images=len(datamodule.train_set),
+    )
+    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    log.info("final verification accuracy (10-fold):\n%s", report(metrics))
+    log.info("run folder: %s", output_dir)
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+def main(cfg: DictConfig) -> None:
+    log.debug("config:\n%s", OmegaConf.to_yaml(cfg))
+    try:
+        train(cfg)
+    except DatasetError as error:
+        raise SystemExit(f"facetrain: data error: {error}") from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""The real entry point, run as a user runs it: ``python train.py <overrides>``."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_train(*overrides: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(REPO / "train.py"), *overrides],
+        cwd=cwd, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def tiny_overrides(faces, run_dir: Path) -> list[str]:
+    """Train on the session's tiny synthetic faces at 64x64 so a run takes seconds."""
+    return [
+        f"hydra.run.dir={run_dir}",
+        f"data.synthetic.root={faces.root}",
+        f"data.synthetic.num_train_identities={faces.num_train_identities}",
+        f"data.synthetic.images_per_train_identity={faces.images_per_train_identity}",
+        f"data.synthetic.num_verification_identities={faces.num_verification_identities}",
+        f"data.synthetic.images_per_verification_identity={faces.images_per_verification_identity}",
+        f"data.synthetic.num_pairs={faces.num_pairs}",
+        f"data.synthetic.seed={faces.seed}",
+        "data.image_size=[64,64]",
+        "data.batch_size=16",
+        "data.num_workers=0",
+    ]
+
+
+@pytest.mark.slow
+def test_train_writes_checkpoints_tensorboard_and_metrics(tiny_faces, tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_train(
+        *tiny_overrides(tiny_faces, run_dir), "trainer.max_epochs=6", "optimizer.lr=0.05",
+        "loss.scale=16", "loss.margin=0.2", "model.histogram_every_n_steps=10", cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert list((run_dir / "checkpoints").glob("best-epoch*.ckpt"))
+    assert not list(run_dir.rglob("*.tmp")), "a checkpoint was left half-written"
+    events = list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert events
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(events[0].parent), size_guidance={"histograms": 0})
+    accumulator.Reload()
+    tags = accumulator.Tags()
+    for scalar in ("train/loss", "train/accuracy", "train/theta_y_deg",
+                   "train/hard_negative_fraction", "val/synthetic/accuracy", "val/accuracy"):
+        assert scalar in tags["scalars"], scalar
+    assert "train/theta_y_deg" in tags["histograms"]
+    losses = [event.value for event in accumulator.Scalars("train/loss")]
+    assert losses[-1] < losses[0], "the training loss did not fall"
+
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    final = metrics["verification"]["synthetic"]
+    assert final["num_pairs"] == tiny_faces.num_pairs
+    assert final["accuracy"] > 0.6, f"verification accuracy {final['accuracy']} is near chance"
+    assert final["accuracy"] > metrics["baselines"]["untrained"]["synthetic"]
+    assert "final verification accuracy" in result.stderr + result.stdout
+
+
+@pytest.mark.slow
+def test_softmax_head_and_resume_from_last_checkpoint(tiny_faces, tmp_path):
+    first = tmp_path / "first"
+    overrides = [*tiny_overrides(tiny_faces, first), "loss=softmax", "measure_baselines=false"]
+    result = run_train(*overrides, "trainer.max_epochs=1", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    last = first / "checkpoints" / "last.ckpt"
+
+    resumed = tmp_path / "resumed"
+    result = run_train(
+        *tiny_overrides(tiny_faces, resumed), "loss=softmax", "trainer.max_epochs=2",
+        f"ckpt_path={last}", cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((resumed / "metrics.json").read_text())
+    steps_per_epoch = (tiny_faces.num_train_identities * tiny_faces.images_per_train_identity) // 16
+    assert metrics["steps"] == 2 * steps_per_epoch  # continued from epoch 1, not from scratch
+
+
+def test_unknown_config_option_names_the_allowed_values(tmp_path):
+    result = run_train("loss=no_such_head", cwd=tmp_path, timeout=120)
+    assert result.returncode != 0
+    assert "no_such_head" in result.stderr
+    assert "arcface" in result.stderr and "softmax" in result.stderr
+
+
+def test_missing_data_root_is_one_clear_error(tmp_path):
+    missing = tmp_path / "no_such_folder"
+    result = run_train(
+        "data=folder", f"data.train_root={missing}", f"hydra.run.dir={tmp_path / 'run'}",
+        cwd=tmp_path, timeout=120,
+    )
+    assert result.returncode != 0
+    assert f"'{missing}' does not exist" in result.stderr
+    assert "Traceback" not in result.stderr
