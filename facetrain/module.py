@@ -120,6 +120,10 @@ class FaceRecognitionModule(pl.LightningModule):
             for key, value in result.as_dict().items():
                 self.log(f"val/{dataset.name}/{key}", float(value), add_dataloader_idx=False)
             accuracies.append(result.accuracy)
+            log.info(
+                "epoch %d, %s: verification accuracy %.4f ± %.4f, AUC %.4f",
+                self.current_epoch, dataset.name, result.accuracy, result.accuracy_std, result.auc,
+            )
         self.log("val/accuracy", float(np.mean(accuracies)), prog_bar=True)
         self._val_embeddings.clear()
 

@@ -3,6 +3,7 @@ train, and report verification accuracy (also written to ``metrics.json`` in the
 
 import json
 import logging
+import warnings
 from pathlib import Path
 
 import hydra
@@ -20,6 +21,15 @@ from facetrain.module import FaceRecognitionModule
 log = logging.getLogger(__name__)
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
+
+
+def silence_library_noise() -> None:
+    """Drop third-party messages that say nothing about the user's run: Lightning's cloud-logger
+    advertisement and a deprecation inside Lightning itself."""
+    logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(
+        lambda record: not record.getMessage().startswith("💡")
+    )
+    warnings.filterwarnings("ignore", message=r".*LeafSpec.* is deprecated")
 
 
 def measure_baselines(
@@ -52,10 +62,10 @@ def train(cfg: DictConfig) -> dict:
     pl.seed_everything(cfg.seed, workers=True)
     output_dir = Path(HydraConfig.get().runtime.output_dir)
 
+    backbone = instantiate(cfg.backbone)  # a bad model config fails before data is touched
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("fit")
-    backbone = instantiate(cfg.backbone)
     head = instantiate(
         cfg.loss, embedding_size=backbone.embedding_size, num_classes=datamodule.num_classes
     )
@@ -101,6 +111,7 @@ def train(cfg: DictConfig) -> dict:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> None:
+    silence_library_noise()
     log.debug("config:\n%s", OmegaConf.to_yaml(cfg))
     try:
         train(cfg)

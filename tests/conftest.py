@@ -7,11 +7,11 @@ from facetrain.data import SyntheticFaces
 
 @pytest.fixture(scope="session")
 def tiny_faces(tmp_path_factory) -> SyntheticFaces:
-    """12 training identities, 10 held-out identities, 200 verification pairs."""
+    """40 training identities × 10 images, 10 held-out identities, 200 verification pairs."""
     return SyntheticFaces(
         root=str(tmp_path_factory.mktemp("faces") / "synthetic"),
-        num_train_identities=12,
-        images_per_train_identity=8,
+        num_train_identities=40,
+        images_per_train_identity=10,
         num_verification_identities=10,
         images_per_verification_identity=6,
         num_pairs=200,

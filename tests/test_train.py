@@ -38,7 +38,7 @@ def tiny_overrides(faces, run_dir: Path) -> list[str]:
 def test_train_writes_checkpoints_tensorboard_and_metrics(tiny_faces, tmp_path):
     run_dir = tmp_path / "run"
     result = run_train(
-        *tiny_overrides(tiny_faces, run_dir), "trainer.max_epochs=6", "optimizer.lr=0.05",
+        *tiny_overrides(tiny_faces, run_dir), "trainer.max_epochs=6",
         "loss.scale=16", "loss.margin=0.2", "model.histogram_every_n_steps=10", cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -64,8 +64,10 @@ def test_train_writes_checkpoints_tensorboard_and_metrics(tiny_faces, tmp_path):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     final = metrics["verification"]["synthetic"]
     assert final["num_pairs"] == tiny_faces.num_pairs
-    assert final["accuracy"] > 0.6, f"verification accuracy {final['accuracy']} is near chance"
-    assert final["accuracy"] > metrics["baselines"]["untrained"]["synthetic"]
+    # Measured: raw pixels 0.60, untrained 0.68, trained 0.86 on these held-out identities.
+    assert final["accuracy"] > 0.75, f"verification accuracy {final['accuracy']} is too low"
+    assert final["accuracy"] > metrics["baselines"]["untrained"]["synthetic"] + 0.05
+    assert final["accuracy"] > metrics["baselines"]["raw_pixels"]["synthetic"] + 0.05
     assert "final verification accuracy" in result.stderr + result.stdout
 
 

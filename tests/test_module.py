@@ -1,0 +1,58 @@
+"""The LightningModule's wiring: parameter groups, non-finite loss, verification at epoch end."""
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch import nn
+
+from facetrain.heads import ArcFace
+from facetrain.module import FaceRecognitionModule
+
+
+class Constant(nn.Module):
+    embedding_size = 4
+
+    def __init__(self, value: float):
+        super().__init__()
+        self.value = value
+        self.scale = nn.Parameter(torch.ones(1))
+
+    def forward(self, images):
+        return torch.full((images.shape[0], self.embedding_size), self.value) * self.scale
+
+
+def test_parameter_groups_get_their_own_weight_decay():
+    module = FaceRecognitionModule(
+        Constant(1.0), ArcFace(4, 3), optimizer=lambda groups: torch.optim.SGD(groups, lr=0.1),
+        weight_decay={"backbone": 1e-4, "head": 0.0},
+    )
+    optimizer = module.configure_optimizers()
+    backbone_group, head_group = optimizer.param_groups
+    assert backbone_group["weight_decay"] == 1e-4 and head_group["weight_decay"] == 0.0
+    assert head_group["params"][0] is module.head.weight
+
+
+def test_non_finite_loss_stops_with_advice():
+    module = FaceRecognitionModule(
+        Constant(float("nan")), ArcFace(4, 3), optimizer=lambda g: torch.optim.SGD(g, lr=0.1)
+    )
+    batch = (torch.zeros(2, 3, 8, 8), torch.tensor([0, 1]))
+    with pytest.raises(FloatingPointError, match="lower optimizer.lr"):
+        module.training_step(batch, 0)
+
+
+def test_validation_embeddings_are_placed_by_image_index():
+    """Batches arrive in any order; each embedding must land at its image's index."""
+    module = FaceRecognitionModule(
+        nn.Flatten(), ArcFace(4, 3), optimizer=lambda g: torch.optim.SGD(g, lr=0.1)
+    )
+    rng = np.random.default_rng(0)
+    images = torch.tensor(rng.normal(size=(6, 1, 2, 2)), dtype=torch.float32)
+    module._val_embeddings[0] = [
+        (torch.tensor([4, 5, 0]), images[[4, 5, 0]].flatten(1)),
+        (torch.tensor([1, 3, 2]), images[[1, 3, 2]].flatten(1)),
+    ]
+    module.trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False)
+    placed = module._gather_embeddings(0, num_images=6)
+    torch.testing.assert_close(placed, images.flatten(1))
