@@ -73,6 +73,8 @@ class FaceRecognitionModule(pl.LightningModule):
                 f"last good checkpoint in the run's checkpoints/ folder with ckpt_path=..."
             )
         self.log("train/loss", loss, prog_bar=True)
+        for name, value in self.head.state_metrics().items():  # lambda, t, learnt scale, ...
+            self.log(f"train/head_{name}", value)
         self._log_head_statistics(embeddings.detach(), labels)
         return loss
 
@@ -93,8 +95,6 @@ class FaceRecognitionModule(pl.LightningModule):
             self.log("train/theta_max_negative_deg", stats["theta_max_negative"].mean())
             self.log("train/cos_max_negative", stats["cos_max_negative"])
             self.log("train/hard_negative_fraction", stats["hard_negative_fraction"])
-            for name, value in self.head.state_metrics().items():
-                self.log(f"train/head_{name}", value)
         if histograms:
             writer = self.logger.experiment
             for name in ("theta_y", "theta_max_negative"):
@@ -142,10 +142,15 @@ class FaceRecognitionModule(pl.LightningModule):
         return placed
 
     def configure_optimizers(self):
+        head_scalars = [p for p in self.head.parameters() if p.ndim == 0]
+        head_matrices = [p for p in self.head.parameters() if p.ndim > 0]
+        decay = self.weight_decay
         groups = [
-            {"params": list(part.parameters()), "weight_decay": self.weight_decay[name]}
-            for name, part in (("backbone", self.backbone), ("head", self.head))
+            {"params": list(self.backbone.parameters()), "weight_decay": decay["backbone"]},
+            {"params": head_matrices, "weight_decay": decay["head"]},
         ]
+        if head_scalars:  # a learnt scale or alpha must not be decayed towards zero
+            groups.append({"params": head_scalars, "weight_decay": 0.0})
         optimizer = self.optimizer_factory(groups)
         if self.scheduler_factory is None:
             return optimizer

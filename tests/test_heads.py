@@ -205,7 +205,8 @@ def test_softmax_logits_float32_under_autocast():
 def test_every_loss_config_instantiates_a_working_head(config):
     head = instantiate(OmegaConf.load(config), embedding_size=12, num_classes=5)
     assert isinstance(head, CosineMarginHead)
-    assert head.weight.shape == (5, 12)
+    # Sub-center ArcFace keeps K centers per class, class-major (insightface's layout).
+    assert head.weight.shape == (5 * getattr(head, "subcenters", 1), 12)
     labels = torch.tensor([0, 4, 2])
     logits = head(torch.randn(3, 12), labels)
     assert logits.shape == (3, 5) and logits.dtype == torch.float32

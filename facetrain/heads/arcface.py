@@ -1,11 +1,9 @@
 """ArcFace (Deng et al., "ArcFace: Additive Angular Margin Loss for Deep Face Recognition",
 CVPR 2019): ``T(cos_y) = cos(theta_y + m)``, every non-target logit stays ``cos_j``."""
 
-import math
-
 import torch
 
-from facetrain.heads.base import CosineMarginHead
+from facetrain.heads.base import CosineMarginHead, additive_angular_margin
 
 
 class ArcFace(CosineMarginHead):
@@ -27,14 +25,7 @@ class ArcFace(CosineMarginHead):
         super().__init__(embedding_size, num_classes, scale)
         self.margin = margin
         self.easy_margin = easy_margin
-        self.cos_m = math.cos(margin)
-        self.sin_m = math.sin(margin)
-        self.threshold = math.cos(math.pi - margin)
-        self.fallback = margin * math.sin(margin)
 
-    def target_logit(self, cos_y: torch.Tensor) -> torch.Tensor:
-        sin_y = torch.sqrt(1.0 - cos_y * cos_y)
-        cos_y_plus_m = cos_y * self.cos_m - sin_y * self.sin_m
-        if self.easy_margin:
-            return torch.where(cos_y > 0, cos_y_plus_m, cos_y)
-        return torch.where(cos_y > self.threshold, cos_y_plus_m, cos_y - self.fallback)
+    def target_logit(self, cos_y: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+        target = additive_angular_margin(cos_y, self.margin)
+        return torch.where(cos_y > 0, target, cos_y) if self.easy_margin else target

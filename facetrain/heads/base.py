@@ -5,9 +5,14 @@ the non-target cosines with ``N``, and multiplies by a scale::
 
     logit_y = scale * T(cos_y)        logit_j = scale * N(cos_j, T(cos_y))   (j != y)
 
-A head says only what differs (``target_logit``, ``non_target_logit``, ``scale``); this class does
-the normalisation, float32 math, clamping, the target gather/scatter and the statistics that are
-logged to TensorBoard.
+A head says only what differs (``target_logit``, ``non_target_logit``, ``logit_scale``, and
+``update_state`` for heads with state); this class does the normalisation, float32 math,
+clamping, the target gather/scatter and the statistics that are logged to TensorBoard.
+
+State (iteration counters, running averages) lives in registered buffers, so it is saved in
+checkpoints and restored on resume; ``update_state`` runs only in training mode.
+An extra loss term (MagFace's regulariser, NormFace's agent losses) is returned by
+``extra_loss()`` after a training forward; the module adds it to the cross-entropy and logs it.
 """
 
 import math
@@ -20,6 +25,18 @@ from torch import nn
 COS_EPS = 1e-7
 
 
+def additive_angular_margin(cos_y: torch.Tensor, margin) -> torch.Tensor:
+    """``cos(theta + m)`` where ``theta + m <= pi``, else insightface's fallback
+    ``cos - m·sin(m)``, so the target logit keeps decreasing in theta. ``margin`` may be a
+    float or a per-sample tensor (MagFace)."""
+    margin = torch.as_tensor(margin, dtype=cos_y.dtype, device=cos_y.device)
+    sin_y = torch.sqrt(1.0 - cos_y * cos_y)
+    cos_y_plus_m = cos_y * torch.cos(margin) - sin_y * torch.sin(margin)
+    return torch.where(
+        cos_y > torch.cos(math.pi - margin), cos_y_plus_m, cos_y - margin * torch.sin(margin)
+    )
+
+
 class CosineMarginHead(nn.Module):
     """Class-center matrix ``weight`` (num_classes, embedding_size) and the cosine core."""
 
@@ -30,36 +47,53 @@ class CosineMarginHead(nn.Module):
         self.scale = scale
         self.weight = nn.Parameter(torch.empty(num_classes, embedding_size))
         nn.init.normal_(self.weight, std=0.01)
+        self._extra_loss: torch.Tensor | None = None
 
-    def similarity(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """Un-margined similarity to every class center, float32: the cosine (N, C)."""
-        x = F.normalize(embeddings.float(), dim=1)
-        w = F.normalize(self.weight.float(), dim=1)
-        return F.linear(x, w).clamp(-1 + COS_EPS, 1 - COS_EPS)
+    def cosine(self, x: torch.Tensor) -> torch.Tensor:
+        """Cosine (N, C) of float32 embeddings to every class center, clamped inside [-1, 1]."""
+        cos = F.linear(F.normalize(x, dim=1), F.normalize(self.weight.float(), dim=1))
+        return cos.clamp(-1 + COS_EPS, 1 - COS_EPS)
 
-    def target_logit(self, cos_y: torch.Tensor) -> torch.Tensor:
-        """T(cos_y) before scaling; identity for plain normalised softmax."""
+    def unmargined_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """What the head would output with no margin; its argmax is the predicted class."""
+        return self.cosine(x)
+
+    def logit_scale(self, norms: torch.Tensor):
+        """Multiplier of the modulated cosines: a constant s here, |x| or |x||W_j| elsewhere."""
+        return self.scale
+
+    def target_logit(self, cos_y: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+        """T(cos_y) (N, 1) before scaling, given the embedding norms (N, 1)."""
         return cos_y
 
     def non_target_logit(self, cos: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """N(cos_j) before scaling, given the modulated target (N, 1); identity by default."""
+        """N(cos_j) (N, C) before scaling, given the modulated target (N, 1)."""
         return cos
+
+    def update_state(self, cos_y: torch.Tensor, norms: torch.Tensor) -> None:
+        """Advance the head's state from a training batch (detached inputs); none here."""
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Logits (N, C) on which cross-entropy is the loss; always float32, even under AMP."""
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
-            cos = self.similarity(embeddings)
+            x = embeddings.float()
+            norms = x.norm(dim=1, keepdim=True)
+            cos = self.cosine(x)
             index = labels.view(-1, 1)
-            target = self.target_logit(cos.gather(1, index))
+            cos_y = cos.gather(1, index)
+            if self.training:
+                self.update_state(cos_y.detach(), norms.detach())
+            target = self.target_logit(cos_y, norms)
             logits = self.non_target_logit(cos, target).scatter(1, index, target)
-            return logits * self.scale
+            return logits * self.logit_scale(norms)
 
     def extra_loss(self) -> torch.Tensor | None:
-        """An additional loss term of the last forward (e.g. MagFace's regulariser); none here."""
-        return None
+        """The extra loss term of the last training forward, if the head has one (once)."""
+        extra, self._extra_loss = self._extra_loss, None
+        return extra
 
     def state_metrics(self) -> dict[str, float]:
-        """Scalar head state worth watching (lambda, t, learnt scale, ...); none here."""
+        """Scalar head state worth watching (lambda, t, learnt scale, norm statistics)."""
         return {}
 
     @torch.no_grad()
@@ -72,15 +106,15 @@ class CosineMarginHead(nn.Module):
         margin-modulated target cosine).
         """
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
-            cos = F.normalize(embeddings.float(), dim=1) @ F.normalize(self.weight.float(), dim=1).T
-            cos = cos.clamp(-1 + COS_EPS, 1 - COS_EPS)
+            x = embeddings.float()
+            cos = self.cosine(x)
             index = labels.view(-1, 1)
             cos_y = cos.gather(1, index)
             cos_negative = cos.scatter(1, index, -math.inf).amax(dim=1)
-            target = self.target_logit(cos_y).squeeze(1)
-            plain = self.similarity(embeddings)
+            target = self.target_logit(cos_y, x.norm(dim=1, keepdim=True)).squeeze(1)
+            accuracy = (self.unmargined_logits(x).argmax(dim=1) == labels).float().mean()
         return {
-            "accuracy": (plain.argmax(dim=1) == labels).float().mean(),
+            "accuracy": accuracy,
             "theta_y": torch.rad2deg(torch.acos(cos_y.squeeze(1))),
             "theta_max_negative": torch.rad2deg(torch.acos(cos_negative)),
             "cos_max_negative": cos_negative.mean(),

@@ -14,10 +14,10 @@ class Softmax(CosineMarginHead):
         super().__init__(embedding_size, num_classes, scale=1.0)
         self.bias = nn.Parameter(torch.zeros(num_classes)) if bias else None
 
-    def similarity(self, embeddings: torch.Tensor) -> torch.Tensor:
+    def unmargined_logits(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.float()
-        return F.linear(embeddings.float(), self.weight.float(), bias)
+        return F.linear(x, self.weight.float(), bias)
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
-            return self.similarity(embeddings)
+            return self.unmargined_logits(embeddings.float())

@@ -1,0 +1,114 @@
+"""Multiplicative angular margin with annealing: L-Softmax (Liu et al., ICML 2016) and
+A-Softmax / SphereFace (Liu et al., CVPR 2017).
+
+``psi(theta) = (-1)^k cos(m·theta) - 2k`` for ``theta in [k·pi/m, (k+1)·pi/m]`` is monotonically
+decreasing on [0, pi]. ``cos(m·theta)`` comes from the Chebyshev polynomial of cos theta and k
+from the thresholds ``cos(k·pi/m)``, so no acos is needed. Training anneals from softmax
+towards psi: ``T = (lambda·cos_y + psi(theta_y)) / (1 + lambda)`` with
+``lambda = max(lambda_min, base·(1 + gamma·iteration)^(-power))`` (the Caffe layer's schedule;
+iteration counts training forwards, i.e. optimizer steps). ``base=0, lambda_min=0`` gives the
+un-annealed loss.
+"""
+
+import math
+
+import torch
+
+from facetrain.heads.base import CosineMarginHead
+
+# cos(m·theta) as a polynomial of c = cos(theta) (Chebyshev polynomials of the first kind).
+CHEBYSHEV = {
+    1: lambda c: c,
+    2: lambda c: 2 * c**2 - 1,
+    3: lambda c: 4 * c**3 - 3 * c,
+    4: lambda c: 8 * c**4 - 8 * c**2 + 1,
+}
+
+
+def psi(cos: torch.Tensor, margin: int) -> torch.Tensor:
+    """``(-1)^k cos(m·theta) - 2k`` from cos theta, for integer margins 1..4."""
+    if margin not in CHEBYSHEV:
+        raise ValueError(f"the multiplicative margin m must be 1, 2, 3 or 4, got {margin}")
+    k = torch.zeros_like(cos)
+    for j in range(1, margin):
+        k = k + (cos <= math.cos(j * math.pi / margin)).to(cos.dtype)
+    sign = 1.0 - 2.0 * torch.remainder(k, 2)
+    return sign * CHEBYSHEV[margin](cos) - 2.0 * k
+
+
+class AnnealedAngularMargin(CosineMarginHead):
+    """Shared by L-Softmax and SphereFace: psi target, annealed lambda, iteration buffer."""
+
+    def __init__(
+        self,
+        embedding_size: int,
+        num_classes: int,
+        margin: int,
+        base: float,
+        gamma: float,
+        power: float,
+        lambda_min: float,
+    ):
+        super().__init__(embedding_size, num_classes, scale=1.0)
+        psi(torch.zeros(1), margin)  # validates the margin now, not at the first step
+        self.margin = margin
+        self.base, self.gamma, self.power, self.lambda_min = base, gamma, power, lambda_min
+        self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
+
+    @property
+    def lambda_(self) -> float:
+        annealed = self.base * (1.0 + self.gamma * float(self.iteration)) ** (-self.power)
+        return max(self.lambda_min, annealed)
+
+    def update_state(self, cos_y: torch.Tensor, norms: torch.Tensor) -> None:
+        self.iteration += 1
+
+    def target_logit(self, cos_y: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+        lam = self.lambda_
+        return (lam * cos_y + psi(cos_y, self.margin)) / (1.0 + lam)
+
+    def state_metrics(self) -> dict[str, float]:
+        return {"lambda": self.lambda_}
+
+
+class LSoftmax(AnnealedAngularMargin):
+    """L-Softmax: weights and features un-normalised, ``logit_j = |W_j||x| cos_j`` and the
+    target ``|W_y||x| psi(theta_y)`` (annealed). No bias, as in the paper."""
+
+    def __init__(
+        self,
+        embedding_size: int,
+        num_classes: int,
+        margin: int = 2,
+        base: float = 1000.0,
+        gamma: float = 0.12,
+        power: float = 1.0,
+        lambda_min: float = 0.0,
+    ):
+        super().__init__(embedding_size, num_classes, margin, base, gamma, power, lambda_min)
+
+    def unmargined_logits(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight.float().T
+
+    def logit_scale(self, norms: torch.Tensor) -> torch.Tensor:
+        return norms * self.weight.float().norm(dim=1)
+
+
+class SphereFace(AnnealedAngularMargin):
+    """A-Softmax: class weights normalised, no bias, ``logit_j = |x| cos_j`` and the target
+    ``|x| psi(theta_y)`` (annealed). Paper: m=4; lambda base 1000, gamma 0.12, power 1, min 5."""
+
+    def __init__(
+        self,
+        embedding_size: int,
+        num_classes: int,
+        margin: int = 4,
+        base: float = 1000.0,
+        gamma: float = 0.12,
+        power: float = 1.0,
+        lambda_min: float = 5.0,
+    ):
+        super().__init__(embedding_size, num_classes, margin, base, gamma, power, lambda_min)
+
+    def logit_scale(self, norms: torch.Tensor) -> torch.Tensor:
+        return norms
