@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -72,22 +73,25 @@ def test_train_writes_checkpoints_tensorboard_and_metrics(tiny_faces, tmp_path):
 
 
 @pytest.mark.slow
-def test_softmax_head_and_resume_from_last_checkpoint(tiny_faces, tmp_path):
+def test_resume_restores_training_and_head_state(tiny_faces, tmp_path):
+    """SphereFace's annealing counter must continue across a resume, not restart at zero."""
     first = tmp_path / "first"
-    overrides = [*tiny_overrides(tiny_faces, first), "loss=softmax", "measure_baselines=false"]
+    overrides = [*tiny_overrides(tiny_faces, first), "loss=sphereface", "measure_baselines=false"]
     result = run_train(*overrides, "trainer.max_epochs=1", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     last = first / "checkpoints" / "last.ckpt"
 
     resumed = tmp_path / "resumed"
     result = run_train(
-        *tiny_overrides(tiny_faces, resumed), "loss=softmax", "trainer.max_epochs=2",
+        *tiny_overrides(tiny_faces, resumed), "loss=sphereface", "trainer.max_epochs=2",
         f"ckpt_path={last}", cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((resumed / "metrics.json").read_text())
     steps_per_epoch = (tiny_faces.num_train_identities * tiny_faces.images_per_train_identity) // 16
     assert metrics["steps"] == 2 * steps_per_epoch  # continued from epoch 1, not from scratch
+    state = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert int(state["head.iteration"]) == 2 * steps_per_epoch
 
 
 def test_unknown_config_option_names_the_allowed_values(tmp_path):

@@ -30,7 +30,8 @@ class AdaFace(CosineMarginHead):
     def update_state(self, cos_y: torch.Tensor, norms: torch.Tensor) -> None:
         norms = norms.clamp(0.001, 100)
         self.norm_mean.lerp_(norms.mean(), self.t_alpha)
-        self.norm_std.lerp_(norms.std(), self.t_alpha)
+        if norms.numel() > 1:  # the spread of a single sample is undefined
+            self.norm_std.lerp_(norms.std(), self.t_alpha)
 
     def target_logit(self, cos_y: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
         z = (norms.clamp(0.001, 100) - self.norm_mean) / (self.norm_std + 1e-3)

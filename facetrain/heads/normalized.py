@@ -44,7 +44,7 @@ class L2Softmax(Softmax):
         return super().unmargined_logits(self.alpha.float() * F.normalize(x, dim=1))
 
     def state_metrics(self) -> dict[str, float]:
-        return {"alpha": float(self.alpha)}
+        return {"alpha": self.alpha.detach().item()}
 
 
 class NormFace(CosineMarginHead):
@@ -97,4 +97,4 @@ class NormFace(CosineMarginHead):
         return (hinge * negative).sum(dim=1).mean()
 
     def state_metrics(self) -> dict[str, float]:
-        return {"scale": float(self.scale)}
+        return {"scale": self.scale.detach().item()}
