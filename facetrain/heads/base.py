@@ -37,6 +37,19 @@ def additive_angular_margin(cos_y: torch.Tensor, margin) -> torch.Tensor:
     )
 
 
+def cosine_to_centers(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``<x/|x|, W_j/|W_j|>`` (N, C) in float32, clamped inside [-1, 1].
+
+    Dividing the product by the row norms of W, instead of normalising W first, never
+    materialises a normalised copy of the (C, D) matrix: with many classes that copy and its
+    backward cost as much as the matrix product itself.
+    """
+    weight = weight.float()
+    product = F.linear(F.normalize(x, dim=1), weight)
+    cos = product / weight.norm(dim=1).clamp_min(1e-12)
+    return cos.clamp(-1 + COS_EPS, 1 - COS_EPS)
+
+
 class CosineMarginHead(nn.Module):
     """Class-center matrix ``weight`` (num_classes, embedding_size) and the cosine core."""
 
@@ -51,8 +64,7 @@ class CosineMarginHead(nn.Module):
 
     def cosine(self, x: torch.Tensor) -> torch.Tensor:
         """Cosine (N, C) of float32 embeddings to every class center, clamped inside [-1, 1]."""
-        cos = F.linear(F.normalize(x, dim=1), F.normalize(self.weight.float(), dim=1))
-        return cos.clamp(-1 + COS_EPS, 1 - COS_EPS)
+        return cosine_to_centers(x, self.weight)
 
     def unmargined_logits(self, x: torch.Tensor) -> torch.Tensor:
         """What the head would output with no margin; its argmax is the predicted class."""

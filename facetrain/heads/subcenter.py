@@ -2,11 +2,10 @@
 class is its cosine to the nearest of the K, so noisy images gather at non-dominant centers."""
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from facetrain.heads.arcface import ArcFace
-from facetrain.heads.base import COS_EPS
+from facetrain.heads.base import cosine_to_centers
 
 
 class SubCenterArcFace(ArcFace):
@@ -30,6 +29,5 @@ class SubCenterArcFace(ArcFace):
         nn.init.normal_(self.weight, std=0.01)
 
     def cosine(self, x: torch.Tensor) -> torch.Tensor:
-        cos = F.linear(F.normalize(x, dim=1), F.normalize(self.weight.float(), dim=1))
-        cos = cos.view(-1, self.num_classes, self.subcenters).amax(dim=2)
-        return cos.clamp(-1 + COS_EPS, 1 - COS_EPS)
+        cos = cosine_to_centers(x, self.weight)
+        return cos.view(-1, self.num_classes, self.subcenters).amax(dim=2)
