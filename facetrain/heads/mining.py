@@ -7,6 +7,7 @@ margin-modulated target. Both heads change only the hard non-target logits.
 import torch
 import torch.distributed as dist
 
+from facetrain.heads.arcface import ArcFace
 from facetrain.heads.base import CosineMarginHead, additive_angular_margin
 
 
@@ -38,7 +39,7 @@ class MVSoftmax(CosineMarginHead):
         return torch.where(cos > target, self.t * cos + self.t - 1.0, cos)
 
 
-class CurricularFace(CosineMarginHead):
+class CurricularFace(ArcFace):
     """CurricularFace (Huang et al., CVPR 2020): ArcFace target; hard negatives become
     ``cos_j·(t + cos_j)``, where t is an EMA of the batch-mean target cosine
     (``t ← alpha·t + (1 − alpha)·mean(cos_y)``, t0 = 0, alpha = 0.99; the mean is over the global
@@ -53,8 +54,8 @@ class CurricularFace(CosineMarginHead):
         margin: float = 0.5,
         momentum: float = 0.99,
     ):
-        super().__init__(embedding_size, num_classes, scale)
-        self.margin, self.momentum = margin, momentum
+        super().__init__(embedding_size, num_classes, scale, margin)
+        self.momentum = momentum
         self.register_buffer("t", torch.zeros(()))
 
     def update_state(self, cos_y: torch.Tensor, norms: torch.Tensor) -> None:
@@ -62,9 +63,6 @@ class CurricularFace(CosineMarginHead):
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(total)
         self.t.mul_(self.momentum).add_((1.0 - self.momentum) * total[0] / total[1])
-
-    def target_logit(self, cos_y: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
-        return additive_angular_margin(cos_y, self.margin)
 
     def non_target_logit(self, cos: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return torch.where(cos > target, cos * (self.t + cos), cos)
