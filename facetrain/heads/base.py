@@ -38,15 +38,20 @@ def additive_angular_margin(cos_y: torch.Tensor, margin) -> torch.Tensor:
 
 
 def cosine_to_centers(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``<x/|x|, W_j/|W_j|>`` (N, C) in float32, clamped inside [-1, 1].
+    """``<x/|x|, W_j/|W_j|>`` (N, C) in float32.
 
     Dividing the product by the row norms of W, instead of normalising W first, never
     materialises a normalised copy of the (C, D) matrix: with many classes that copy and its
-    backward cost as much as the matrix product itself.
+    backward cost as much as the matrix product itself. Not clamped: only the target cosine
+    goes through acos/sqrt (clamped in ``forward``), so the (N, C) matrix is spared a pass.
     """
     weight = weight.float()
     product = F.linear(F.normalize(x, dim=1), weight)
-    cos = product / weight.norm(dim=1).clamp_min(1e-12)
+    return product / weight.norm(dim=1).clamp_min(1e-12)
+
+
+def clamp_cosine(cos: torch.Tensor) -> torch.Tensor:
+    """Keep cosines inside (-1, 1) so that acos and sqrt(1 - cos^2) have finite gradients."""
     return cos.clamp(-1 + COS_EPS, 1 - COS_EPS)
 
 
@@ -63,7 +68,7 @@ class CosineMarginHead(nn.Module):
         self._extra_loss: torch.Tensor | None = None
 
     def cosine(self, x: torch.Tensor) -> torch.Tensor:
-        """Cosine (N, C) of float32 embeddings to every class center, clamped inside [-1, 1]."""
+        """Cosine (N, C) of float32 embeddings to every class center."""
         return cosine_to_centers(x, self.weight)
 
     def unmargined_logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -92,7 +97,7 @@ class CosineMarginHead(nn.Module):
             norms = x.norm(dim=1, keepdim=True)
             cos = self.cosine(x)
             index = labels.view(-1, 1)
-            cos_y = cos.gather(1, index)
+            cos_y = clamp_cosine(cos.gather(1, index))
             if self.training:
                 self.update_state(cos_y.detach(), norms.detach())
             target = self.target_logit(cos_y, norms)
@@ -119,7 +124,7 @@ class CosineMarginHead(nn.Module):
         """
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
             x = embeddings.float()
-            cos = self.cosine(x)
+            cos = clamp_cosine(self.cosine(x))
             index = labels.view(-1, 1)
             cos_y = cos.gather(1, index)
             cos_negative = cos.scatter(1, index, -math.inf).amax(dim=1)
