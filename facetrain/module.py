@@ -52,15 +52,14 @@ class FaceRecognitionModule(pl.LightningModule):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.backbone(images)
 
-    def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        images, targets = batch
+    def _memory_format(self, images: torch.Tensor) -> torch.Tensor:
         if self.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        return images, targets
+            return images.contiguous(memory_format=torch.channels_last)
+        return images
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images, labels = batch
-        embeddings = self.backbone(images)
+        embeddings = self.backbone(self._memory_format(images))
         loss = F.cross_entropy(self.head(embeddings, labels), labels)
         extra = self.head.extra_loss()
         if extra is not None:
@@ -102,7 +101,7 @@ class FaceRecognitionModule(pl.LightningModule):
 
     def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         images, indices = batch
-        embeddings = embed(self.backbone, images, self.flip_test)
+        embeddings = embed(self.backbone, self._memory_format(images), self.flip_test)
         self._val_embeddings.setdefault(dataloader_idx, []).append((indices, embeddings))
 
     def on_validation_epoch_start(self) -> None:
