@@ -48,7 +48,7 @@ def step_time(head: nn.Module, embeddings, labels) -> float:
     return time.perf_counter() - start
 
 
-def measure(name, head, baseline, embedding_size, num_classes, batch, repeats, device) -> float:
+def measure(head, baseline, embedding_size, num_classes, batch, repeats, device) -> float:
     head.to(device).train()
     generator = torch.Generator().manual_seed(0)
     embeddings = torch.randn(batch, embedding_size, generator=generator).to(device)
@@ -83,7 +83,7 @@ def main() -> None:
                 OmegaConf.load(config), embedding_size=args.embedding_size, num_classes=num_classes
             )
             baseline = LinearCrossEntropy(args.embedding_size, num_classes).to(args.device)
-            row.append(measure(config.stem, head, baseline, args.embedding_size, num_classes,
+            row.append(measure(head, baseline, args.embedding_size, num_classes,
                                args.batch, args.repeats, args.device))
         print(f"{config.stem:<12}" + "".join(f"{ratio:>11.2f}x" for ratio in row), flush=True)
 
