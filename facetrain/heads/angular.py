@@ -55,16 +55,20 @@ class AnnealedAngularMargin(CosineMarginHead):
         self.base, self.gamma, self.power, self.lambda_min = base, gamma, power, lambda_min
         self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
 
+    def annealed_lambda(self) -> torch.Tensor:
+        """lambda as a tensor on the buffer's device: reading it costs no host sync per step."""
+        annealed = self.base * (1.0 + self.gamma * self.iteration.double()) ** (-self.power)
+        return annealed.clamp_min(self.lambda_min)
+
     @property
     def lambda_(self) -> float:
-        annealed = self.base * (1.0 + self.gamma * float(self.iteration)) ** (-self.power)
-        return max(self.lambda_min, annealed)
+        return float(self.annealed_lambda())
 
     def update_state(self, cos_y: torch.Tensor, norms: torch.Tensor) -> None:
         self.iteration += 1
 
     def target_logit(self, cos_y: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
-        lam = self.lambda_
+        lam = self.annealed_lambda().to(cos_y.dtype)
         return (lam * cos_y + psi(cos_y, self.margin)) / (1.0 + lam)
 
     def state_metrics(self) -> dict[str, float]:
