@@ -13,7 +13,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from facetrain.checkpoint import AtomicCheckpointIO
+from facetrain.checkpoint import AtomicCheckpointIO, CheckpointError, describe_model
 from facetrain.data.images import DatasetError
 from facetrain.evaluation import evaluate_pairs
 from facetrain.module import FaceRecognitionModule
@@ -74,13 +74,16 @@ def train(cfg: DictConfig) -> dict:
         head,
         optimizer=instantiate(cfg.optimizer),
         scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
+        description=describe_model(cfg, backbone.embedding_size, datamodule.num_classes),
         **cfg.model,
     )
     if not datamodule.verification_sets:
         log.warning("no verification sets configured (data.verification): keeping only last.ckpt")
         cfg.callbacks.checkpoint.monitor = None
     loggers = [instantiate(cfg.logger)] if cfg.get("logger") else []
-    callbacks = [instantiate(c) for c in cfg.callbacks.values()]
+    callbacks = [  # the learning-rate monitor writes to a logger and refuses to run without one
+        instantiate(c) for name, c in cfg.callbacks.items() if loggers or name != "learning_rate"
+    ]
     trainer = instantiate(
         cfg.trainer, logger=loggers, callbacks=callbacks, plugins=[AtomicCheckpointIO()]
     )
@@ -88,7 +91,9 @@ def train(cfg: DictConfig) -> dict:
     metrics: dict = {}
     if cfg.measure_baselines and cfg.ckpt_path is None and datamodule.verification_sets:
         metrics["baselines"] = measure_baselines(model, datamodule, trainer)
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    # weights_only: a resumed checkpoint holds tensors and plain containers only (never pickled
+    # objects that could run code); the module's on_load_checkpoint checks it fits this model.
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
 
     checkpoint = trainer.checkpoint_callback
     metrics.update(
@@ -117,6 +122,8 @@ def main(cfg: DictConfig) -> None:
         train(cfg)
     except DatasetError as error:
         raise SystemExit(f"facetrain: data error: {error}") from None
+    except CheckpointError as error:
+        raise SystemExit(f"facetrain: checkpoint error: {error}") from None
 
 
 if __name__ == "__main__":

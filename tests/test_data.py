@@ -1,7 +1,5 @@
 """Datasets read from folders and pair lists the way a user lays them out on disk."""
 
-import io
-import logging
 import re
 from pathlib import Path
 
@@ -13,10 +11,8 @@ from PIL import Image
 from facetrain.data import (
     DatasetError,
     FaceDataModule,
-    IdentityFolderDataset,
     PairListDataset,
     read_pair_list,
-    scan_identity_folder,
 )
 from facetrain.data.transforms import build_transform
 
@@ -28,115 +24,6 @@ def write_image(path: Path, mode: str = "RGB", size=(12, 10), color=RED) -> Path
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new(mode, size, color).save(path)
     return path
-
-
-def noise_jpeg_bytes(size: int = 64) -> bytes:
-    pixels = np.random.default_rng(0).integers(0, 256, size=(size, size, 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="JPEG", quality=95)
-    return buffer.getvalue()
-
-
-@pytest.fixture
-def identity_root(tmp_path) -> Path:
-    """root/<identity>/<image> with every kind of file a scraped dataset ends up holding.
-
-    Created out of sorted order on purpose. Readable: alice 3 (jpg, L png, truncated jpg whose
-    header parses), bob 2 (bmp, RGBA png), carol 2 (pgm, upper-case PNG). Skipped: a zero-byte
-    .jpg and a text file named .jpg in alice, dave's only file (text named .jpg), non-image
-    extensions.
-    """
-    root = tmp_path / "faces"
-    write_image(root / "carol" / "c1.pgm", mode="L", color=77)
-    write_image(root / "carol" / "c2.PNG", color=(5, 6, 7))  # extensions are case-insensitive
-    write_image(root / "bob" / "b1.bmp")
-    write_image(root / "bob" / "b2.png", mode="RGBA", color=(10, 20, 30, 40))
-    write_image(root / "alice" / "a1.jpg")
-    write_image(root / "alice" / "a2.png", mode="L", color=100)
-    (root / "alice" / "a3.jpg").write_bytes(b"")
-    (root / "alice" / "a4.jpg").write_text("this is not an image\n")
-    body = noise_jpeg_bytes()
-    (root / "alice" / "a5.jpg").write_bytes(body[: len(body) // 2])
-    (root / "alice" / "notes.txt").write_text("ignored")
-    (root / "alice" / "a6.gif.bak").write_bytes(b"ignored")
-    (root / "dave").mkdir()
-    (root / "dave" / "only.jpg").write_text("corrupt")
-    write_image(root / "stray.jpg")  # not inside an identity folder
-    return root
-
-
-def test_scan_identity_folder_classes_and_labels(identity_root, caplog):
-    with caplog.at_level(logging.WARNING, logger="facetrain.data.folder"):
-        classes, samples = scan_identity_folder(identity_root)
-    assert classes == ["alice", "bob", "carol"]
-    relative = [(str(path.relative_to(identity_root)), label) for path, label in samples]
-    assert relative == [
-        ("alice/a1.jpg", 0),
-        ("alice/a2.png", 0),
-        ("alice/a5.jpg", 0),
-        ("bob/b1.bmp", 1),
-        ("bob/b2.png", 1),
-        ("carol/c1.pgm", 2),
-        ("carol/c2.PNG", 2),
-    ]
-
-
-def test_unreadable_files_are_skipped_and_reported_with_their_paths(identity_root, caplog):
-    with caplog.at_level(logging.WARNING, logger="facetrain.data.folder"):
-        scan_identity_folder(identity_root)
-    messages = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    unreadable = [m for m in messages if m.startswith("skipped 3 unreadable image file")]
-    assert len(unreadable) == 1
-    for name in ("alice/a3.jpg", "alice/a4.jpg", "dave/only.jpg"):
-        assert str(identity_root / name) in unreadable[0]
-    assert "notes.txt" not in unreadable[0]
-    empty = [m for m in messages if m.startswith("skipped 1 identity folder")]
-    assert len(empty) == 1 and empty[0].endswith(": dave")
-
-
-def test_images_come_back_as_rgb_uint8_with_their_labels(identity_root):
-    dataset = IdentityFolderDataset(identity_root)
-    assert len(dataset) == 7 and dataset.num_classes == 3
-    assert dataset.labels.tolist() == [0, 0, 0, 1, 1, 2, 2]
-    readable = [0, 1, 3, 4, 5, 6]  # index 2 is the truncated JPEG
-    for index in readable:
-        image, label = dataset[index]
-        assert image.shape == (10, 12, 3) and image.dtype == np.uint8
-        assert label == dataset.labels[index]
-    assert (dataset[1][0] == 100).all()  # grayscale 'L' spread to 3 channels
-    assert (dataset[4][0] == (10, 20, 30)).all()  # RGBA: alpha dropped
-    assert (dataset[3][0] == RED).all()  # BMP is lossless
-    assert (dataset[5][0] == 77).all()  # PGM
-    assert (dataset[6][0] == (5, 6, 7)).all()
-    assert np.abs(dataset[0][0].astype(int) - RED).max() <= 3  # JPEG, near-lossless solid colour
-
-
-def test_truncated_jpeg_is_replaced_by_the_next_sample_with_its_own_label(identity_root, caplog):
-    dataset = IdentityFolderDataset(identity_root)
-    truncated = identity_root / "alice" / "a5.jpg"
-    assert dataset.samples[2] == (truncated, 0)  # it passed the header check
-    with caplog.at_level(logging.WARNING, logger="facetrain.data.folder"):
-        image, label = dataset[2]
-    assert label == 1  # bob's b1.bmp, the next sample, keeps bob's label
-    assert (image == RED).all()
-    assert dataset.failed_loads[truncated] == 1
-    assert sum(dataset.failed_loads.values()) == 1
-    assert any(str(truncated) in r.getMessage() for r in caplog.records)
-
-
-def test_missing_root_raises_naming_the_path(tmp_path):
-    missing = tmp_path / "no" / "such" / "folder"
-    with pytest.raises(DatasetError, match=re.escape(str(missing))):
-        IdentityFolderDataset(missing)
-
-
-def test_root_without_images_raises(tmp_path):
-    (tmp_path / "empty_identity").mkdir()
-    (tmp_path / "person").mkdir()
-    (tmp_path / "person" / "readme.txt").write_text("no images here")
-    with pytest.raises(DatasetError, match="no readable images") as error:
-        scan_identity_folder(tmp_path)
-    assert str(tmp_path) in str(error.value)
 
 
 @pytest.fixture

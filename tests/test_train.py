@@ -74,10 +74,11 @@ def test_train_writes_checkpoints_tensorboard_and_metrics(tiny_faces, tmp_path):
 
 @pytest.mark.slow
 def test_resume_restores_training_and_head_state(tiny_faces, tmp_path):
-    """SphereFace's annealing counter must continue across a resume, not restart at zero."""
+    """SphereFace's annealing counter must continue across a resume, not restart at zero.
+    The first run also checks that training works without a logger."""
     first = tmp_path / "first"
     overrides = [*tiny_overrides(tiny_faces, first), "loss=sphereface", "measure_baselines=false"]
-    result = run_train(*overrides, "trainer.max_epochs=1", cwd=tmp_path)
+    result = run_train(*overrides, "trainer.max_epochs=1", "logger=none", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     last = first / "checkpoints" / "last.ckpt"
 

@@ -19,6 +19,8 @@ own learnt weight. A linear 1x1 convolution and BatchNorm give the embedding.
 import torch
 from torch import nn
 
+from facetrain.backbones.layers import check_images, feature_map_size
+
 # (expansion t, output channels c, repeats n, first stride s), Table 1 of the paper.
 BOTTLENECK_SETTINGS = (
     (2, 64, 5, 2), (4, 128, 1, 2), (2, 128, 6, 1), (4, 128, 1, 2), (2, 128, 2, 1)
@@ -62,11 +64,7 @@ class MobileFaceNet(nn.Module):
         super().__init__()
         self.embedding_size = embedding_size
         self.input_size = tuple(input_size)
-        if self.input_size[0] % 16 or self.input_size[1] % 16:
-            raise ValueError(
-                f"MobileFaceNet needs an input size divisible by 16 (it downsamples 16x), "
-                f"got {self.input_size}; the paper uses 112x112"
-            )
+        feature_map = feature_map_size("MobileFaceNet", self.input_size, "112x112")
         layers = [ConvBlock(3, 64, 3, 2, 1), ConvBlock(64, 64, 3, 1, 1, groups=64)]
         channels = 64
         for expansion, out_ch, repeats, stride in BOTTLENECK_SETTINGS:
@@ -75,7 +73,6 @@ class MobileFaceNet(nn.Module):
                 channels = out_ch
         layers.append(ConvBlock(channels, 512))
         self.features = nn.Sequential(*layers)
-        feature_map = (self.input_size[0] // 16, self.input_size[1] // 16)
         self.embedding = nn.Sequential(
             ConvBlock(512, 512, feature_map, groups=512, linear=True),  # GDConv
             ConvBlock(512, embedding_size, linear=True),
@@ -93,10 +90,5 @@ class MobileFaceNet(nn.Module):
                 nn.init.zeros_(module.bias)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if images.shape[-2:] != self.input_size:
-            raise ValueError(
-                f"MobileFaceNet was built for {self.input_size[0]}x{self.input_size[1]} inputs but "
-                f"got {images.shape[-2]}x{images.shape[-1]}; resize the images or set "
-                f"backbone.input_size"
-            )
+        check_images("MobileFaceNet", images, self.input_size)
         return self.embedding(self.features(images))

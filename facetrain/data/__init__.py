@@ -1,17 +1,33 @@
 """Datasets, transforms, the synthetic face generator and the datamodule."""
 
+from facetrain.data.binset import BinDataset, read_bin, write_bin
 from facetrain.data.datamodule import FaceDataModule
 from facetrain.data.folder import IdentityFolderDataset, scan_identity_folder
 from facetrain.data.images import DatasetError
-from facetrain.data.pairs import PairListDataset, read_pair_list
+from facetrain.data.pairs import (
+    LFWPairsDataset,
+    PairListDataset,
+    open_verification_set,
+    read_lfw_pairs,
+    read_pair_list,
+)
+from facetrain.data.record import RecordDataset, pack_identity_folder
 from facetrain.data.synthetic import SyntheticFaces
 
 __all__ = [
+    "BinDataset",
     "DatasetError",
     "FaceDataModule",
     "IdentityFolderDataset",
+    "LFWPairsDataset",
     "PairListDataset",
+    "RecordDataset",
     "SyntheticFaces",
+    "open_verification_set",
+    "pack_identity_folder",
+    "read_bin",
+    "read_lfw_pairs",
     "read_pair_list",
     "scan_identity_folder",
+    "write_bin",
 ]

@@ -1,30 +1,42 @@
-"""The datamodule: an identity-folder training set plus named verification pair lists."""
+"""The datamodule: an identity-folder or RecordIO training set plus named verification sets."""
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
-from facetrain.data.folder import IdentityFolderDataset
+from facetrain.data.folder import HeldOutPairs, IdentityFolderDataset
 from facetrain.data.images import DatasetError
-from facetrain.data.pairs import PairListDataset
+from facetrain.data.pairs import open_verification_set
+from facetrain.data.record import RecordDataset, is_record_pack
+from facetrain.data.samplers import IdentityBalancedSampler
 from facetrain.data.synthetic import SyntheticFaces
 from facetrain.data.transforms import build_transform
 
 
 class FaceDataModule(pl.LightningDataModule):
-    """Training identities from ``train_root``; one validation loader per verification set.
+    """Training identities from ``train_root`` (an identity folder, or an insightface RecordIO
+    pack: a folder with ``train.rec`` or a ``.rec`` file); one validation loader per verification
+    set.
 
     ``verification`` maps a set's name (used in metric names, ``val/<name>/accuracy``) to its
-    pair list. With ``synthetic`` set, ``prepare_data`` first writes the built-in synthetic faces
-    (once; cached on disk) — the rest of the pipeline is the one real data goes through.
+    spec: a pair list, LFW ``pairs.txt`` or ``.bin`` path, or a mapping with ``format`` (see
+    ``open_verification_set``). With ``synthetic`` set, ``prepare_data`` first writes the
+    built-in synthetic faces (once; cached on disk) — the rest of the pipeline is the one real
+    data goes through.
+
+    Identity-folder options (``min_images_per_identity``, ``include_identities``,
+    ``exclude_identities``, ``heldout_identities``, ``index_cache``) are those of
+    ``IdentityFolderDataset``; held-out identities become a verification set named ``heldout``
+    of ``heldout_pairs`` pairs. ``sampler`` (a partial ``IdentityBalancedSampler``, given
+    ``labels`` and ``batch_size`` here) replaces the uniform shuffle.
     """
 
     def __init__(
         self,
         train_root: str,
-        verification: Mapping[str, str],
+        verification: Mapping[str, str | Mapping],
         image_size: Sequence[int] = (112, 112),
         batch_size: int = 64,
         eval_batch_size: int = 128,
@@ -34,6 +46,14 @@ class FaceDataModule(pl.LightningDataModule):
         mean: Sequence[float] = (0.5, 0.5, 0.5),
         std: Sequence[float] = (0.5, 0.5, 0.5),
         synthetic: SyntheticFaces | None = None,
+        min_images_per_identity: int = 1,
+        include_identities: str | None = None,
+        exclude_identities: str | None = None,
+        heldout_identities: float = 0,
+        heldout_pairs: int = 2000,
+        heldout_seed: int = 0,
+        index_cache: str | None = "auto",
+        sampler: Callable[..., IdentityBalancedSampler] | None = None,
     ):
         super().__init__()
         self.train_root = train_root
@@ -42,10 +62,20 @@ class FaceDataModule(pl.LightningDataModule):
         self.eval_batch_size = eval_batch_size
         self.num_workers = num_workers
         self.synthetic = synthetic
+        self.folder_options = dict(
+            min_images_per_identity=min_images_per_identity,
+            include_identities=include_identities,
+            exclude_identities=exclude_identities,
+            heldout_identities=heldout_identities,
+            heldout_seed=heldout_seed,
+            index_cache=index_cache,
+        )
+        self.heldout_pairs, self.heldout_seed = heldout_pairs, heldout_seed
+        self.sampler = sampler
         self.train_transform = build_transform(train_augmentations, image_size, mean, std)
         self.eval_transform = build_transform(eval_augmentations, image_size, mean, std)
-        self.train_set: IdentityFolderDataset | None = None
-        self.verification_sets: list[PairListDataset] = []
+        self.train_set: IdentityFolderDataset | RecordDataset | None = None
+        self.verification_sets: list = []
 
     def prepare_data(self) -> None:
         if self.synthetic is not None:
@@ -53,7 +83,12 @@ class FaceDataModule(pl.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit") and self.train_set is None:
-            self.train_set = IdentityFolderDataset(self.train_root, self.train_transform)
+            if is_record_pack(self.train_root):
+                self.train_set = RecordDataset(self.train_root, self.train_transform)
+            else:
+                self.train_set = IdentityFolderDataset(
+                    self.train_root, self.train_transform, **self.folder_options
+                )
             if len(self.train_set) < self.batch_size:
                 raise DatasetError(
                     f"the training set under {self.train_root!r} has {len(self.train_set)} "
@@ -62,9 +97,14 @@ class FaceDataModule(pl.LightningDataModule):
                 )
         if not self.verification_sets:
             self.verification_sets = [
-                PairListDataset(path, name, self.eval_transform)
-                for name, path in self.verification.items()
+                open_verification_set(name, spec, self.eval_transform)
+                for name, spec in self.verification.items()
             ]
+            if heldout := getattr(self.train_set, "heldout", None):
+                self.verification_sets.append(
+                    HeldOutPairs(heldout, self.heldout_pairs, self.heldout_seed,
+                                 "heldout", self.eval_transform)
+                )
 
     @property
     def num_classes(self) -> int:
@@ -72,11 +112,12 @@ class FaceDataModule(pl.LightningDataModule):
             self.setup("fit")
         return self.train_set.num_classes
 
-    def _loader(self, dataset, batch_size: int, train: bool) -> DataLoader:
+    def _loader(self, dataset, batch_size: int, train: bool, sampler=None) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=train,
+            shuffle=train and sampler is None,
+            sampler=sampler,
             drop_last=train,  # a tiny last batch gives noisy BatchNorm statistics
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
@@ -84,7 +125,13 @@ class FaceDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, self.batch_size, train=True)
+        sampler = None
+        if self.sampler is not None:
+            world = {}  # under a Trainer its world; otherwise torch.distributed's, if initialised
+            if self.trainer is not None:
+                world = dict(num_replicas=self.trainer.world_size, rank=self.trainer.global_rank)
+            sampler = self.sampler(self.train_set.labels, batch_size=self.batch_size, **world)
+        return self._loader(self.train_set, self.batch_size, train=True, sampler=sampler)
 
     def val_dataloader(self) -> list[DataLoader]:
         return [self._loader(s, self.eval_batch_size, train=False) for s in self.verification_sets]

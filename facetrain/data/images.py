@@ -4,11 +4,13 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+from PIL.Image import DecompressionBombError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".pgm"})
 
-# What PIL raises for a file that is not a decodable image (truncated, zero bytes, not an image).
-DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError)
+# What PIL raises for a file that is not a decodable image (truncated, zero bytes, not an image,
+# or more pixels than Image.MAX_IMAGE_PIXELS allows: a decompression bomb).
+DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, DecompressionBombError)
 
 
 class DatasetError(RuntimeError):
@@ -29,7 +31,15 @@ def check_image_header(path: Path) -> str | None:
     return None
 
 
-def read_rgb(path: str | Path) -> np.ndarray:
-    """Decode an image file to an (H, W, 3) uint8 RGB array (grayscale and RGBA converted)."""
+def read_rgb(path: str | bytes | Path) -> np.ndarray:
+    """Decode an image file to an (H, W, 3) uint8 RGB array.
+
+    Grayscale, palette, RGBA and CMYK are converted by PIL. 16-bit grayscale (PNG, PGM; PIL modes
+    ``I;16*`` and ``I``, values 0..65535) keeps its high byte: PIL's own conversion would clip
+    every value above 255 to white.
+    """
     with Image.open(path) as image:
+        if image.mode == "I" or image.mode.startswith("I;16"):
+            gray = (np.clip(np.asarray(image), 0, 65535) >> 8).astype(np.uint8)
+            return np.repeat(gray[..., None], 3, axis=2)
         return np.asarray(image.convert("RGB"))

@@ -25,19 +25,33 @@ def pair_scores(embeddings: torch.Tensor, pairs: np.ndarray) -> np.ndarray:
 
 
 @torch.no_grad()
-def evaluate_pairs(
-    backbone: nn.Module, loader: DataLoader, flip: bool = False, device: str | torch.device = "cpu"
-) -> VerificationResult:
-    """Verify the pairs of a ``PairListDataset`` loader with ``backbone``'s embeddings
-    (computed in eval mode; the backbone's mode is restored afterwards)."""
-    dataset = loader.dataset
+def embed_dataset(
+    backbone: nn.Module,
+    loader: DataLoader,
+    flip: bool = False,
+    device: str | torch.device = "cpu",
+    channels_last: bool = False,
+) -> torch.Tensor:
+    """Embeddings (N, D) of a verification set's images, row i for image index i, computed in
+    eval mode (the backbone's mode is restored afterwards)."""
     was_training = backbone.training
     backbone.eval()
     embeddings = None
     for images, indices in loader:
-        batch = embed(backbone, images.to(device), flip)
+        images = images.to(device)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        batch = embed(backbone, images, flip)
         if embeddings is None:
-            embeddings = batch.new_zeros(len(dataset), batch.shape[1])
+            embeddings = batch.new_zeros(len(loader.dataset), batch.shape[1])
         embeddings[indices.to(device)] = batch
     backbone.train(was_training)
-    return kfold_verification(pair_scores(embeddings, dataset.pairs), dataset.same)
+    return embeddings
+
+
+def evaluate_pairs(
+    backbone: nn.Module, loader: DataLoader, flip: bool = False, device: str | torch.device = "cpu"
+) -> VerificationResult:
+    """Verify the pairs of a verification set loader with ``backbone``'s embeddings."""
+    embeddings = embed_dataset(backbone, loader, flip, device)
+    return kfold_verification(pair_scores(embeddings, loader.dataset.pairs), loader.dataset.same)

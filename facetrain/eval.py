@@ -1,0 +1,177 @@
+"""``facetrain-eval checkpoint=RUN_OR_CKPT [key=value ...]``: verification metrics of trained
+backbones on one or more verification sets.
+
+Per (checkpoint, set): LFW-protocol 10-fold accuracy ± std and the mean chosen threshold, TAR at
+each FAR target, ROC AUC and EER (see ``facetrain.evaluation.verification``). Prints a table,
+writes ``metrics.json`` and ``roc.png`` (one curve per checkpoint and set) to the run folder.
+"""
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
+
+from facetrain.checkpoint import CheckpointError, load_backbone
+from facetrain.data.images import DatasetError
+from facetrain.data.pairs import open_verification_set
+from facetrain.data.transforms import build_transform
+from facetrain.evaluation import embed_dataset, kfold_verification, pair_scores, roc_curve
+from facetrain.evaluation.plots import plot_roc
+from facetrain.train import CONFIG_DIR, silence_library_noise
+
+log = logging.getLogger(__name__)
+
+
+def checkpoint_label(path: str | Path) -> str:
+    """``<run>/<file stem>`` for a checkpoint inside a run's checkpoints/ folder, else the stem."""
+    path = Path(path)
+    if path.parent.name == "checkpoints":
+        return f"{path.parent.parent.name}/{path.stem}"
+    return path.stem
+
+
+def select_sets(cfg: DictConfig, info: dict) -> dict:
+    """The verification sets to evaluate: ``verification`` if given, else those stored with the
+    checkpoint; narrowed to ``sets`` if given."""
+    if cfg.verification:
+        available, source = OmegaConf.to_container(cfg.verification), "verification"
+    else:
+        available, source = info["data"].get("verification") or {}, f"{info['path']} (training)"
+    if not available:
+        raise DatasetError(
+            f"{info['path']} stores no verification sets; name one with "
+            f"+verification.NAME=path/to/pairs.txt (or a .bin / LFW pairs.txt)"
+        )
+    unknown = [name for name in cfg.sets if name not in available]
+    if unknown:
+        raise DatasetError(
+            f"unknown verification set(s) {unknown} in sets=...; the sets of {source} are: "
+            f"{', '.join(available)}"
+        )
+    return {name: available[name] for name in (cfg.sets or available)}
+
+
+def evaluate_checkpoint(cfg: DictConfig, path: str, device: torch.device) -> dict:
+    """Metrics and ROC curves of one checkpoint on its verification sets."""
+    # backbone=NAME / loss=NAME (or +backbone.KEY=...) assert what the checkpoint must hold;
+    # configs/backbone/*.yaml's ${data.image_size} resolves against the checkpoint's data.
+    expected = {part: OmegaConf.to_container(cfg[part]) if cfg.get(part) is not None else None
+                for part in ("backbone", "loss")}
+    backbone, info = load_backbone(path, expected["backbone"], expected["loss"])
+    backbone.to(device)
+    if cfg.channels_last:
+        backbone.to(memory_format=torch.channels_last)
+    transform = build_transform([], info["image_size"], info["mean"], info["std"])
+    results = {}
+    for name, spec in select_sets(cfg, info).items():
+        dataset = open_verification_set(name, spec, transform)
+        loader = DataLoader(dataset, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+                            pin_memory=device.type == "cuda")
+        start = time.perf_counter()
+        embeddings = embed_dataset(backbone, loader, cfg.flip_test, device, cfg.channels_last)
+        embedded = time.perf_counter()
+        scores = pair_scores(embeddings, dataset.pairs)
+        result = kfold_verification(scores, dataset.same, cfg.num_folds, tuple(cfg.far_targets))
+        far, tar, _ = roc_curve(scores, dataset.same)
+        seconds = time.perf_counter() - start
+        results[name] = {
+            **result.as_dict(),
+            "num_images": len(dataset),
+            "seconds": seconds,
+            "pairs_per_second": len(scores) / seconds,
+            "images_per_second": len(dataset) / (embedded - start),
+            "roc": (far, tar),
+        }
+        log.info("%s on %s: %d images, %d pairs in %.1f s (%.0f pairs/s)", info["path"], name,
+                 len(dataset), len(scores), seconds, len(scores) / seconds)
+    return {"info": info, "sets": results}
+
+
+def report(evaluated: dict[str, dict], far_targets) -> str:
+    """The printed table: one row per (checkpoint, set)."""
+    fars = [f"{far:g}" for far in far_targets]
+    header = (f"{'checkpoint':<28}{'set':<14}{'pairs':>7}{'accuracy':>18}{'threshold':>11}"
+              + "".join(f"{'TAR@' + far:>13}" for far in fars) + f"{'AUC':>8}{'EER':>8}")
+    lines = [header]
+    for label, evaluation in evaluated.items():
+        for name, r in evaluation["sets"].items():
+            tars = "".join(
+                f"{r['tar_at_far'][far]:>13.4f}" if r["tar_at_far"].get(far) is not None
+                else f"{'-':>13}" for far in fars
+            )
+            accuracy = f"{r['accuracy']:.4f} ± {r['accuracy_std']:.4f}"
+            lines.append(f"{label[:27]:<28}{name[:13]:<14}{r['num_pairs']:>7}{accuracy:>18}"
+                         f"{r['threshold']:>11.4f}{tars}{r['auc']:>8.4f}{r['eer']:>8.4f}")
+    return "\n".join(lines)
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    """Run the evaluation of a composed ``eval`` config; return what metrics.json holds."""
+    paths = ([cfg.checkpoint] if cfg.checkpoint else []) + list(cfg.checkpoints)
+    if not paths:
+        raise CheckpointError(
+            "no checkpoint given: facetrain-eval checkpoint=outputs/train/<run> (a run folder or "
+            "a .ckpt file), or checkpoints=[a,b] to compare several"
+        )
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") \
+        if cfg.device == "auto" else torch.device(cfg.device)
+    output_dir = Path(cfg.output or HydraConfig.get().runtime.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    evaluated: dict[str, dict] = {}
+    for path in paths:
+        evaluation = evaluate_checkpoint(cfg, path, device)
+        label = checkpoint_label(evaluation["info"]["path"])
+        while label in evaluated:  # the same file twice, or equal names in different folders
+            label += "'"
+        evaluated[label] = evaluation
+
+    curves = {
+        f"{label}: {name}" if len(evaluated) > 1 else name: result.pop("roc")
+        for label, evaluation in evaluated.items() for name, result in evaluation["sets"].items()
+    }
+    plot_roc(curves, f"ROC ({'flip-test' if cfg.flip_test else 'no flip'})").savefig(
+        output_dir / "roc.png"
+    )
+    metrics = {
+        "flip_test": cfg.flip_test,
+        "far_targets": list(cfg.far_targets),
+        "checkpoints": {
+            label: {
+                "path": e["info"]["path"],
+                "epoch": e["info"]["epoch"],
+                "global_step": e["info"]["global_step"],
+                "backbone": e["info"]["backbone"],
+                "loss": e["info"]["loss"],
+                "sets": e["sets"],
+            }
+            for label, e in evaluated.items()
+        },
+    }
+    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    log.info("verification (%s, %d-fold accuracy; TAR at FAR over all pairs):\n%s",
+             "flip-test" if cfg.flip_test else "no flip", cfg.num_folds,
+             report(evaluated, cfg.far_targets))
+    log.info("wrote %s and %s", output_dir / "metrics.json", output_dir / "roc.png")
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
+def main(cfg: DictConfig) -> None:
+    silence_library_noise()
+    try:
+        evaluate(cfg)
+    except DatasetError as error:
+        raise SystemExit(f"facetrain-eval: data error: {error}") from None
+    except CheckpointError as error:
+        raise SystemExit(f"facetrain-eval: checkpoint error: {error}") from None
+
+
+if __name__ == "__main__":
+    main()
