@@ -23,10 +23,10 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from facetrain.backbones import MobileFaceNet
+from facetrain.cli import CONFIG_DIR
 from facetrain.data import SyntheticFaces
 from facetrain.data.pairs import read_pair_list
 from facetrain.eval import evaluate
-from facetrain.train import CONFIG_DIR
 
 
 def write_checkpoint(path: Path, pairs_file: str, image_size: int) -> None:

@@ -24,11 +24,11 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from facetrain.checkpoint import CheckpointError, load_backbone
+from facetrain.cli import CONFIG_DIR, user_errors
 from facetrain.data.image_list import ImageListDataset, collate_readable, list_images
 from facetrain.data.images import DatasetError
 from facetrain.data.transforms import build_transform
 from facetrain.evaluation import embed
-from facetrain.train import CONFIG_DIR
 
 log = logging.getLogger(__name__)
 
@@ -199,12 +199,8 @@ def run(cfg: DictConfig) -> EmbeddedImages:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="embed")
 def main(cfg: DictConfig) -> None:
-    try:
+    with user_errors("facetrain-embed"):
         run(cfg)
-    except DatasetError as error:
-        raise SystemExit(f"facetrain-embed: data error: {error}") from None
-    except CheckpointError as error:
-        raise SystemExit(f"facetrain-embed: checkpoint error: {error}") from None
 
 
 if __name__ == "__main__":

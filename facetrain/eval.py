@@ -18,12 +18,12 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from facetrain.checkpoint import CheckpointError, load_backbone
+from facetrain.cli import CONFIG_DIR, silence_library_noise, user_errors
 from facetrain.data.images import DatasetError
 from facetrain.data.pairs import open_verification_set
 from facetrain.data.transforms import build_transform
 from facetrain.evaluation import embed_dataset, kfold_verification, pair_scores, roc_curve
 from facetrain.evaluation.plots import plot_roc
-from facetrain.train import CONFIG_DIR, silence_library_noise
 
 log = logging.getLogger(__name__)
 
@@ -165,12 +165,8 @@ def evaluate(cfg: DictConfig) -> dict:
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
 def main(cfg: DictConfig) -> None:
     silence_library_noise()
-    try:
+    with user_errors("facetrain-eval"):
         evaluate(cfg)
-    except DatasetError as error:
-        raise SystemExit(f"facetrain-eval: data error: {error}") from None
-    except CheckpointError as error:
-        raise SystemExit(f"facetrain-eval: checkpoint error: {error}") from None
 
 
 if __name__ == "__main__":

@@ -35,11 +35,11 @@ from torch import nn
 
 from facetrain import __version__
 from facetrain.checkpoint import CheckpointError, load_backbone
+from facetrain.cli import CONFIG_DIR, user_errors
 from facetrain.data.image_list import ImageListDataset, list_images
 from facetrain.data.images import DatasetError
 from facetrain.data.synthetic import draw_face, sample_traits
 from facetrain.embed import preprocessing
-from facetrain.train import CONFIG_DIR
 
 log = logging.getLogger(__name__)
 
@@ -315,15 +315,8 @@ def main(cfg: DictConfig) -> None:
     # checks the opset it got and says what it does about it.
     logging.getLogger("onnxscript.version_converter").setLevel(logging.ERROR)
     logging.getLogger("torch.onnx._internal.exporter._compat").setLevel(logging.ERROR)
-    try:
+    with user_errors("facetrain-export", export=ExportError):
         run(cfg)
-    except DatasetError as error:
-        raise SystemExit(f"facetrain-export: data error: {error}") from None
-    except CheckpointError as error:
-        raise SystemExit(f"facetrain-export: checkpoint error: {error}") from None
-    except ExportError as error:
-        log.debug("export failed", exc_info=True)
-        raise SystemExit(f"facetrain-export: export error: {error}") from None
 
 
 if __name__ == "__main__":

@@ -3,7 +3,6 @@ train, and report verification accuracy (also written to ``metrics.json`` in the
 
 import json
 import logging
-import warnings
 from pathlib import Path
 
 import hydra
@@ -13,24 +12,12 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from facetrain.checkpoint import AtomicCheckpointIO, CheckpointError, describe_model
-from facetrain.data.images import DatasetError
+from facetrain.checkpoint import AtomicCheckpointIO, describe_model
+from facetrain.cli import CONFIG_DIR, silence_library_noise, user_errors
 from facetrain.evaluation import evaluate_pairs
 from facetrain.module import FaceRecognitionModule
 
 log = logging.getLogger(__name__)
-
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
-
-
-def silence_library_noise() -> None:
-    """Drop third-party messages that say nothing about the user's run: Lightning's cloud-logger
-    advertisement and a deprecation inside Lightning itself."""
-    logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(
-        lambda record: not record.getMessage().startswith("💡")
-    )
-    warnings.filterwarnings("ignore", message=r".*LeafSpec.* is deprecated")
-
 
 def measure_baselines(
     model: FaceRecognitionModule, datamodule, trainer: pl.Trainer
@@ -118,12 +105,8 @@ def train(cfg: DictConfig) -> dict:
 def main(cfg: DictConfig) -> None:
     silence_library_noise()
     log.debug("config:\n%s", OmegaConf.to_yaml(cfg))
-    try:
+    with user_errors("facetrain"):
         train(cfg)
-    except DatasetError as error:
-        raise SystemExit(f"facetrain: data error: {error}") from None
-    except CheckpointError as error:
-        raise SystemExit(f"facetrain: checkpoint error: {error}") from None
 
 
 if __name__ == "__main__":

@@ -15,11 +15,11 @@ from PIL import Image
 
 from facetrain.backbones import MobileFaceNet
 from facetrain.checkpoint import CheckpointError, find_checkpoint, load_backbone
+from facetrain.cli import CONFIG_DIR
 from facetrain.data.pairs import read_pair_list
 from facetrain.data.transforms import build_transform
 from facetrain.eval import evaluate
 from facetrain.evaluation import kfold_verification
-from facetrain.train import CONFIG_DIR
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 
 from facetrain.data import (
     DatasetError,
+    FaceDataModule,
     IdentityFolderDataset,
     RecordDataset,
     pack_identity_folder,
@@ -283,6 +284,12 @@ def test_undecodable_record_is_counted_and_replaced_by_the_next(tiny_pack, tmp_p
     assert label == dataset.labels[3]
     assert dataset.failed_loads == {3: 1}
     assert "could not decode record 3" in caplog.text
+
+
+def test_folder_selection_options_are_refused_for_a_pack(tiny_pack):
+    datamodule = FaceDataModule(str(tiny_pack), {}, batch_size=4, heldout_identities=3)
+    with pytest.raises(DatasetError, match=r"data.heldout_identities .*is a RecordIO pack"):
+        datamodule.setup("fit")
 
 
 def test_pack_cli_writes_a_readable_pack(tiny_faces, tmp_path, capsys):

@@ -6,7 +6,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
-from facetrain.data.folder import HeldOutPairs, IdentityFolderDataset
+from facetrain.data.folder import SCAN_WORKERS, HeldOutPairs, IdentityFolderDataset
 from facetrain.data.images import DatasetError
 from facetrain.data.pairs import open_verification_set
 from facetrain.data.record import RecordDataset, is_record_pack
@@ -27,7 +27,7 @@ class FaceDataModule(pl.LightningDataModule):
     data goes through.
 
     Identity-folder options (``min_images_per_identity``, ``include_identities``,
-    ``exclude_identities``, ``heldout_identities``, ``index_cache``) are those of
+    ``exclude_identities``, ``heldout_identities``, ``index_cache``, ``scan_workers``) are those of
     ``IdentityFolderDataset``; held-out identities become a verification set named ``heldout``
     of ``heldout_pairs`` pairs. ``sampler`` (a partial ``IdentityBalancedSampler``, given
     ``labels`` and ``batch_size`` here) replaces the uniform shuffle.
@@ -53,6 +53,7 @@ class FaceDataModule(pl.LightningDataModule):
         heldout_pairs: int = 2000,
         heldout_seed: int = 0,
         index_cache: str | None = "auto",
+        scan_workers: int = SCAN_WORKERS,
         sampler: Callable[..., IdentityBalancedSampler] | None = None,
     ):
         super().__init__()
@@ -69,6 +70,7 @@ class FaceDataModule(pl.LightningDataModule):
             heldout_identities=heldout_identities,
             heldout_seed=heldout_seed,
             index_cache=index_cache,
+            scan_workers=scan_workers,
         )
         self.heldout_pairs, self.heldout_seed = heldout_pairs, heldout_seed
         self.sampler = sampler
@@ -84,6 +86,7 @@ class FaceDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit") and self.train_set is None:
             if is_record_pack(self.train_root):
+                self._refuse_folder_selection()
                 self.train_set = RecordDataset(self.train_root, self.train_transform)
             else:
                 self.train_set = IdentityFolderDataset(
@@ -105,6 +108,19 @@ class FaceDataModule(pl.LightningDataModule):
                     HeldOutPairs(heldout, self.heldout_pairs, self.heldout_seed,
                                  "heldout", self.eval_transform)
                 )
+
+    def _refuse_folder_selection(self) -> None:
+        """Identity selection works on a scanned folder; a pack's identities are fixed."""
+        defaults = {"min_images_per_identity": 1, "include_identities": None,
+                    "exclude_identities": None, "heldout_identities": 0}
+        changed = [f"data.{key}" for key, value in defaults.items()
+                   if self.folder_options[key] != value]
+        if changed:
+            raise DatasetError(
+                f"{', '.join(changed)} select(s) identities of an identity folder, but "
+                f"data.train_root={self.train_root!r} is a RecordIO pack; remove the setting, or "
+                f"train on the identity folder the pack was made from"
+            )
 
     @property
     def num_classes(self) -> int:

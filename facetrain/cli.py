@@ -1,0 +1,36 @@
+"""What every command-line entry point shares: the config folder, quiet third-party logging,
+and one-line exits for errors the user can fix."""
+
+import logging
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from facetrain.checkpoint import CheckpointError
+from facetrain.data.images import DatasetError
+
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
+
+
+def silence_library_noise() -> None:
+    """Drop third-party messages that say nothing about the user's run: Lightning's cloud-logger
+    advertisement and a deprecation inside Lightning itself."""
+    logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(
+        lambda record: not record.getMessage().startswith("💡")
+    )
+    warnings.filterwarnings("ignore", message=r".*LeafSpec.* is deprecated")
+
+
+@contextmanager
+def user_errors(tool: str, **more: type[Exception]) -> Iterator[None]:
+    """Turn an error the user can fix (bad data, a wrong checkpoint, and the tool's own ``more``
+    kinds, e.g. ``export=ExportError``) into ``<tool>: <kind> error: <message>`` and a non-zero
+    exit, without a traceback."""
+    kinds = {"data": DatasetError, "checkpoint": CheckpointError, **more}
+    try:
+        yield
+    except tuple(kinds.values()) as error:
+        kind = next(name for name, cls in kinds.items() if isinstance(error, cls))
+        logging.getLogger(tool).debug("%s failed", tool, exc_info=True)
+        raise SystemExit(f"{tool}: {kind} error: {error}") from None
