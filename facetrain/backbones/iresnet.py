@@ -30,6 +30,7 @@ from torch import nn
 
 from facetrain.backbones.layers import (
     EmbeddingOutput,
+    check_depth,
     check_images,
     feature_map_size,
     half_body_forward,
@@ -80,11 +81,7 @@ class IResNet(nn.Module):
                  input_size: tuple[int, int] = (112, 112), dropout: float = 0.0,
                  fp16: bool = False, zero_init_residual: bool = False):
         super().__init__()
-        if depth not in UNITS_PER_STAGE:
-            raise ValueError(
-                f"IResNet depth must be one of {sorted(UNITS_PER_STAGE)} (backbone.depth), "
-                f"got {depth}"
-            )
+        check_depth("IResNet", depth, UNITS_PER_STAGE)
         self.depth = depth
         self.embedding_size = embedding_size
         self.input_size = tuple(input_size)

@@ -5,6 +5,14 @@ import torch
 from torch import nn
 
 
+def check_depth(family: str, depth: int, depths) -> None:
+    """A clear error for a depth the family does not define (``backbone.depth``)."""
+    if depth not in depths:
+        raise ValueError(
+            f"{family} depth must be one of {sorted(depths)} (backbone.depth), got {depth}"
+        )
+
+
 def feature_map_size(
     name: str, input_size: tuple[int, int], paper_size: str, stride: int = 16
 ) -> tuple[int, int]:

@@ -26,6 +26,7 @@ from torch import nn
 
 from facetrain.backbones.layers import (
     EmbeddingOutput,
+    check_depth,
     check_images,
     feature_map_size,
     half_body_forward,
@@ -42,11 +43,7 @@ class TorchvisionResNet(nn.Module):
                  input_size: tuple[int, int] = (112, 112), dropout: float = 0.0,
                  fp16: bool = False, zero_init_residual: bool = False):
         super().__init__()
-        if depth not in DEPTHS:
-            raise ValueError(
-                f"TorchvisionResNet depth must be one of {list(DEPTHS)} (backbone.depth), "
-                f"got {depth}"
-            )
+        check_depth("TorchvisionResNet", depth, DEPTHS)
         self.depth = depth
         self.embedding_size = embedding_size
         self.input_size = tuple(input_size)

@@ -33,7 +33,7 @@ import math
 import torch
 from torch import nn
 
-from facetrain.backbones.layers import check_images, feature_map_size
+from facetrain.backbones.layers import check_depth, check_images, feature_map_size
 
 # Residual units per stage, Table 2 of the paper (and make_spherenet.py for 20/36/64).
 UNITS_PER_STAGE = {
@@ -79,11 +79,7 @@ class SphereNet(nn.Module):
     def __init__(self, depth: int = 20, embedding_size: int = 512,
                  input_size: tuple[int, int] = (112, 96)):
         super().__init__()
-        if depth not in UNITS_PER_STAGE:
-            raise ValueError(
-                f"SphereNet depth must be one of {sorted(UNITS_PER_STAGE)} (backbone.depth), "
-                f"got {depth}"
-            )
+        check_depth("SphereNet", depth, UNITS_PER_STAGE)
         self.depth = depth
         self.embedding_size = embedding_size
         self.input_size = tuple(input_size)
