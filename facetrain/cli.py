@@ -7,8 +7,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import torch
+
 from facetrain.checkpoint import CheckpointError
 from facetrain.data.images import DatasetError
+from facetrain.data.transforms import build_transform
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 
@@ -20,6 +23,19 @@ def silence_library_noise() -> None:
         lambda record: not record.getMessage().startswith("💡")
     )
     warnings.filterwarnings("ignore", message=r".*LeafSpec.* is deprecated")
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` = the GPU when there is one, else the CPU; any other value as torch names it."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def preprocessing(info: dict):
+    """The evaluation transform of a checkpoint (``load_backbone``'s description): resize to its
+    input size, normalise with its mean and std, CHW float tensor."""
+    return build_transform([], info["image_size"], info["mean"], info["std"])
 
 
 @contextmanager

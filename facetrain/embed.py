@@ -24,10 +24,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from facetrain.checkpoint import CheckpointError, load_backbone
-from facetrain.cli import CONFIG_DIR, user_errors
+from facetrain.cli import CONFIG_DIR, preprocessing, resolve_device, user_errors
 from facetrain.data.image_list import ImageListDataset, collate_readable, list_images
 from facetrain.data.images import DatasetError
-from facetrain.data.transforms import build_transform
 from facetrain.evaluation import embed
 
 log = logging.getLogger(__name__)
@@ -47,18 +46,6 @@ class EmbeddedImages:
     count: int
     dimension: int
     skipped: list[tuple[str, str]] = field(default_factory=list)
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def preprocessing(info: dict):
-    """The evaluation transform of a checkpoint (``load_backbone``'s description): resize to its
-    input size, normalise with its mean and std, CHW float tensor."""
-    return build_transform([], info["image_size"], info["mean"], info["std"])
 
 
 def _progress() -> Progress:

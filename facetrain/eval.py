@@ -18,10 +18,15 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from facetrain.checkpoint import CheckpointError, load_backbone
-from facetrain.cli import CONFIG_DIR, silence_library_noise, user_errors
+from facetrain.cli import (
+    CONFIG_DIR,
+    preprocessing,
+    resolve_device,
+    silence_library_noise,
+    user_errors,
+)
 from facetrain.data.images import DatasetError
 from facetrain.data.pairs import open_verification_set
-from facetrain.data.transforms import build_transform
 from facetrain.evaluation import embed_dataset, kfold_verification, pair_scores, roc_curve
 from facetrain.evaluation.plots import plot_roc
 
@@ -67,7 +72,7 @@ def evaluate_checkpoint(cfg: DictConfig, path: str, device: torch.device) -> dic
     backbone.to(device)
     if cfg.channels_last:
         backbone.to(memory_format=torch.channels_last)
-    transform = build_transform([], info["image_size"], info["mean"], info["std"])
+    transform = preprocessing(info)
     results = {}
     for name, spec in select_sets(cfg, info).items():
         dataset = open_verification_set(name, spec, transform)
@@ -119,8 +124,7 @@ def evaluate(cfg: DictConfig) -> dict:
             "no checkpoint given: facetrain-eval checkpoint=outputs/train/<run> (a run folder or "
             "a .ckpt file), or checkpoints=[a,b] to compare several"
         )
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") \
-        if cfg.device == "auto" else torch.device(cfg.device)
+    device = resolve_device(cfg.device)
     output_dir = Path(cfg.output or HydraConfig.get().runtime.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
 

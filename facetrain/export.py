@@ -35,11 +35,10 @@ from torch import nn
 
 from facetrain import __version__
 from facetrain.checkpoint import CheckpointError, load_backbone
-from facetrain.cli import CONFIG_DIR, user_errors
+from facetrain.cli import CONFIG_DIR, preprocessing, user_errors
 from facetrain.data.image_list import ImageListDataset, list_images
 from facetrain.data.images import DatasetError
 from facetrain.data.synthetic import draw_face, sample_traits
-from facetrain.embed import preprocessing
 
 log = logging.getLogger(__name__)
 

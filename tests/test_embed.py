@@ -14,9 +14,10 @@ from torch import nn
 
 from facetrain.backbones import MobileFaceNet
 from facetrain.checkpoint import load_backbone
+from facetrain.cli import preprocessing
 from facetrain.data.image_list import ImageListDataset, list_images
 from facetrain.data.images import DatasetError, read_rgb
-from facetrain.embed import embed_images, preprocessing
+from facetrain.embed import embed_images
 
 SIZE = (64, 64)
 INFO = {"image_size": list(SIZE), "mean": [0.5, 0.4, 0.3], "std": [0.25, 0.5, 0.2]}
