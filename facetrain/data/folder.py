@@ -19,13 +19,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
-from PIL.Image import DecompressionBombError
 from rich.console import Console
 from rich.progress import Progress
 from torch.utils.data import Dataset
 
-from facetrain.data.images import DECODE_ERRORS, IMAGE_EXTENSIONS, DatasetError, read_rgb
+from facetrain.data.images import (
+    DECODE_ERRORS,
+    IMAGE_EXTENSIONS,
+    DatasetError,
+    check_image_header,
+    read_rgb,
+)
 from facetrain.data.pairs import ImagePairsDataset
 
 log = logging.getLogger(__name__)
@@ -38,20 +42,6 @@ SCAN_WORKERS = 8  # threads: the scan waits on the file system, not on the CPU
 def shown(name: str) -> str:
     """A file name safe to print: bytes that are not UTF-8 appear as ``\\xff`` escapes."""
     return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-
-
-def _problem(path: str, size: Callable[[], int]) -> str | None:
-    """Why ``path`` is not a readable image (a short reason), or None. Parses the header only."""
-    try:
-        with Image.open(path) as image:
-            image.size  # noqa: B018 - parsing the size is the check
-    except DecompressionBombError:
-        return f"more than {2 * Image.MAX_IMAGE_PIXELS} pixels"
-    except UnidentifiedImageError:
-        return "empty file" if size() == 0 else "not an image"
-    except DECODE_ERRORS:
-        return "unreadable header"
-    return None
 
 
 def _scan_identity(directory: str) -> tuple[list[str], list[tuple[str, str]], int]:
@@ -68,7 +58,7 @@ def _scan_identity(directory: str) -> tuple[list[str], list[tuple[str, str]], in
             ):
                 ignored += 1
                 continue
-            problem = _problem(entry.path, lambda entry=entry: entry.stat().st_size)
+            problem = check_image_header(entry.path)
             if problem is None:
                 readable.append(name)
             else:

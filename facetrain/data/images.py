@@ -1,5 +1,6 @@
 """Reading face images from disk: one place that decides what counts as a readable image."""
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -21,13 +22,19 @@ def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS
 
 
-def check_image_header(path: Path) -> str | None:
-    """Return why ``path`` is not a readable image, or None. Reads the header only (fast)."""
+def check_image_header(path: str | bytes | Path) -> str | None:
+    """Why ``path`` is not a readable image (a short reason: empty file, not an image,
+    unreadable header, more pixels than PIL's decompression-bomb limit), or None. Parses the
+    header only (fast)."""
     try:
         with Image.open(path) as image:
             image.size  # noqa: B018 - parsing the size is the check
-    except DECODE_ERRORS as error:
-        return f"{type(error).__name__}: {error}"
+    except DecompressionBombError:
+        return f"more than {2 * Image.MAX_IMAGE_PIXELS} pixels"
+    except UnidentifiedImageError:
+        return "empty file" if os.path.getsize(path) == 0 else "not an image"
+    except DECODE_ERRORS:
+        return "unreadable header"
     return None
 
 
