@@ -2,6 +2,7 @@
 
 import os
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -38,7 +39,7 @@ def check_image_header(path: str | bytes | Path) -> str | None:
     return None
 
 
-def read_rgb(path: str | bytes | Path) -> np.ndarray:
+def read_rgb(path: str | bytes | Path | BinaryIO) -> np.ndarray:
     """Decode an image file to an (H, W, 3) uint8 RGB array.
 
     Grayscale, palette, RGBA and CMYK are converted by PIL. 16-bit grayscale (PNG, PGM; PIL modes

@@ -34,7 +34,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from facetrain.data.images import DECODE_ERRORS, DatasetError
+from facetrain.data.images import DECODE_ERRORS, DatasetError, read_rgb
 
 log = logging.getLogger(__name__)
 
@@ -259,9 +259,9 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 
 def decode_rgb(data: bytes) -> np.ndarray:
-    """Decode encoded image bytes (JPEG, PNG, ...) to an (H, W, 3) uint8 RGB array."""
-    with Image.open(io.BytesIO(data)) as image:
-        return np.asarray(image.convert("RGB"))
+    """Decode encoded image bytes (JPEG, PNG, ...) to an (H, W, 3) uint8 RGB array, with the
+    same conversions as image files (``read_rgb``)."""
+    return read_rgb(io.BytesIO(data))
 
 
 class RecordDataset(Dataset):
