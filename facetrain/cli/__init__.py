@@ -5,15 +5,15 @@ import logging
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import torch
 
 from facetrain.checkpoint import CheckpointError
 from facetrain.data.images import DatasetError
 from facetrain.data.transforms import build_transform
+from facetrain.resources import config_dir
 
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
+CONFIG_DIR = config_dir()
 
 
 def silence_library_noise() -> None:
