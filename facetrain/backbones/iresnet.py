@@ -29,11 +29,10 @@ import torch
 from torch import nn
 
 from facetrain.backbones.layers import (
+    Backbone,
     EmbeddingOutput,
     check_depth,
-    check_images,
     feature_map_size,
-    half_body_forward,
 )
 
 UNITS_PER_STAGE = {
@@ -69,23 +68,20 @@ class IRUnit(nn.Module):
         return self.body(x) + self.shortcut(x)
 
 
-class IResNet(nn.Module):
+class IResNet(Backbone):
     """IResNet-``depth`` (18, 34, 50, 100, 200): (N, 3, H, W) → (N, ``embedding_size``).
 
     ``fp16`` runs the convolutional body under autocast and the embedding layers in float32,
-    the arcface_torch recipe. ``dropout`` is applied before the FC (arcface_torch: 0; the
-    MXNet ArcFace release: 0.4 on small data sets).
+    the arcface_torch recipe (:class:`Backbone`). ``dropout`` is applied before the FC
+    (arcface_torch: 0; the MXNet ArcFace release: 0.4 on small data sets).
     """
 
     def __init__(self, depth: int = 50, embedding_size: int = 512,
                  input_size: tuple[int, int] = (112, 112), dropout: float = 0.0,
                  fp16: bool = False, zero_init_residual: bool = False):
-        super().__init__()
         check_depth("IResNet", depth, UNITS_PER_STAGE)
+        super().__init__(f"IResNet-{depth}", embedding_size, input_size, fp16)
         self.depth = depth
-        self.embedding_size = embedding_size
-        self.input_size = tuple(input_size)
-        self.fp16 = fp16
         feature_map = feature_map_size(f"IResNet-{depth}", self.input_size, "112x112")
         layers = [nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.PReLU(64)]
         in_channels = 64
@@ -96,6 +92,10 @@ class IResNet(nn.Module):
         self.body = nn.Sequential(*layers)
         self.output = EmbeddingOutput(in_channels, feature_map, embedding_size, dropout)
         self._init_weights(zero_init_residual)
+
+    @property
+    def embedding(self) -> nn.Module:
+        return self.output  # saved as output.* in checkpoints
 
     def _init_weights(self, zero_init_residual: bool) -> None:
         for module in self.modules():
@@ -108,9 +108,3 @@ class IResNet(nn.Module):
             for module in self.modules():
                 if isinstance(module, IRUnit):
                     nn.init.zeros_(module.body[-1].weight)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        check_images(f"IResNet-{self.depth}", images, self.input_size)
-        if self.fp16:
-            return half_body_forward(self.body, self.output, images)
-        return self.output(self.body(images))

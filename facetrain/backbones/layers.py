@@ -1,5 +1,5 @@
-"""What every backbone family shares: the input-size rule, the input check, the ArcFace "E"
-embedding output and the half-precision body."""
+"""What every backbone family shares: the interface (:class:`Backbone`), the input-size rule,
+the input check, the ArcFace "E" embedding output and the half-precision body."""
 
 import torch
 from torch import nn
@@ -78,3 +78,32 @@ def half_body_forward(body: nn.Module, output: nn.Module, images: torch.Tensor) 
         features = body(images)
     with torch.autocast(images.device.type, enabled=False):
         return output(features.float())
+
+
+class Backbone(nn.Module):
+    """The interface of every backbone: (N, 3, H, W) images → (N, ``embedding_size``) floats.
+
+    A family sets two parts: ``body`` (images → its last feature map or pooled features) and
+    ``embedding`` (those features → the embedding vector: ArcFace's BN-Dropout-FC-BN, a GDConv,
+    fc5). The submodules keep the names their checkpoints were saved under (``features`` /
+    ``output`` in some families), so ``body`` or ``embedding`` may be a property naming one.
+    The forward is this one for every family: the input check, then the body and the embedding,
+    with ``fp16`` meaning :func:`half_body_forward` (the arcface_torch recipe) everywhere.
+    """
+
+    body: nn.Module
+    embedding: nn.Module
+
+    def __init__(self, architecture: str, embedding_size: int, input_size: tuple[int, int],
+                 fp16: bool = False):
+        super().__init__()
+        self.architecture = architecture  # how errors name the network, e.g. "IResNet-50"
+        self.embedding_size = embedding_size
+        self.input_size = tuple(input_size)
+        self.fp16 = fp16
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        check_images(self.architecture, images, self.input_size)
+        if self.fp16:
+            return half_body_forward(self.body, self.embedding, images)
+        return self.embedding(self.body(images))

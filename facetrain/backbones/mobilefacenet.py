@@ -19,7 +19,7 @@ own learnt weight. A linear 1x1 convolution and BatchNorm give the embedding.
 import torch
 from torch import nn
 
-from facetrain.backbones.layers import check_images, feature_map_size
+from facetrain.backbones.layers import Backbone, feature_map_size
 
 # (expansion t, output channels c, repeats n, first stride s), Table 1 of the paper.
 BOTTLENECK_SETTINGS = (
@@ -57,13 +57,16 @@ class Bottleneck(nn.Module):
         return x + self.body(x) if self.residual else self.body(x)
 
 
-class MobileFaceNet(nn.Module):
-    """MobileFaceNet: 112x112 RGB face → ``embedding_size``-D embedding (paper: 128)."""
+class MobileFaceNet(Backbone):
+    """MobileFaceNet: 112x112 RGB face → ``embedding_size``-D embedding (paper: 128).
 
-    def __init__(self, embedding_size: int = 128, input_size: tuple[int, int] = (112, 112)):
-        super().__init__()
-        self.embedding_size = embedding_size
-        self.input_size = tuple(input_size)
+    ``fp16`` as every backbone (:class:`Backbone`): the bottleneck stack in float16 on CUDA,
+    the GDConv and the linear 1x1 convolution in float32.
+    """
+
+    def __init__(self, embedding_size: int = 128, input_size: tuple[int, int] = (112, 112),
+                 fp16: bool = False):
+        super().__init__("MobileFaceNet", embedding_size, input_size, fp16)
         feature_map = feature_map_size("MobileFaceNet", self.input_size, "112x112")
         layers = [ConvBlock(3, 64, 3, 2, 1), ConvBlock(64, 64, 3, 1, 1, groups=64)]
         channels = 64
@@ -89,6 +92,6 @@ class MobileFaceNet(nn.Module):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        check_images("MobileFaceNet", images, self.input_size)
-        return self.embedding(self.features(images))
+    @property
+    def body(self) -> nn.Module:
+        return self.features  # saved as features.* in checkpoints

@@ -21,33 +21,28 @@ last map (2048x7x7) makes its FC alone 51.4 M parameters. Initialisation: torchv
 normal, fan-out, for every convolution; BN γ=1 β=0; ``zero_init_residual`` optional).
 """
 
-import torch
 from torch import nn
 
 from facetrain.backbones.layers import (
+    Backbone,
     EmbeddingOutput,
     check_depth,
-    check_images,
     feature_map_size,
-    half_body_forward,
 )
 
 DEPTHS = (18, 34, 50, 101, 152)  # torchvision.models.resnet{depth}
 
 
-class TorchvisionResNet(nn.Module):
+class TorchvisionResNet(Backbone):
     """torchvision ResNet-``depth`` with a 3x3 stride-1 stem and the ArcFace "E" output:
-    (N, 3, H, W) → (N, ``embedding_size``). ``fp16`` as in :class:`IResNet`."""
+    (N, 3, H, W) → (N, ``embedding_size``). ``fp16`` as every backbone (:class:`Backbone`)."""
 
     def __init__(self, depth: int = 18, embedding_size: int = 512,
                  input_size: tuple[int, int] = (112, 112), dropout: float = 0.0,
                  fp16: bool = False, zero_init_residual: bool = False):
-        super().__init__()
         check_depth("TorchvisionResNet", depth, DEPTHS)
+        super().__init__(f"ResNet-{depth}", embedding_size, input_size, fp16)
         self.depth = depth
-        self.embedding_size = embedding_size
-        self.input_size = tuple(input_size)
-        self.fp16 = fp16
         feature_map = feature_map_size(f"ResNet-{depth}", self.input_size, "112x112")
         import torchvision  # here, not at the top: a second or more to import, only needed here
 
@@ -62,8 +57,6 @@ class TorchvisionResNet(nn.Module):
         channels = resnet.fc.in_features
         self.output = EmbeddingOutput(channels, feature_map, embedding_size, dropout)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        check_images(f"ResNet-{self.depth}", images, self.input_size)
-        if self.fp16:
-            return half_body_forward(self.body, self.output, images)
-        return self.output(self.body(images))
+    @property
+    def embedding(self) -> nn.Module:
+        return self.output  # saved as output.* in checkpoints

@@ -33,7 +33,7 @@ import math
 import torch
 from torch import nn
 
-from facetrain.backbones.layers import check_depth, check_images, feature_map_size
+from facetrain.backbones.layers import Backbone, check_depth, feature_map_size
 
 # Residual units per stage, Table 2 of the paper (and make_spherenet.py for 20/36/64).
 UNITS_PER_STAGE = {
@@ -70,19 +70,19 @@ class ResidualUnit(nn.Module):
         return x + self.body(x)
 
 
-class SphereNet(nn.Module):
+class SphereNet(Backbone):
     """SphereFace-``depth`` CNN (4, 10, 20, 36 or 64): (N, 3, H, W) → (N, ``embedding_size``).
 
     The paper trains on 112x96 crops; any H and W divisible by 16 work (fc5 grows with them).
+    ``fp16`` as every backbone (:class:`Backbone`): the convolutions in float16 on CUDA, fc5
+    in float32.
     """
 
     def __init__(self, depth: int = 20, embedding_size: int = 512,
-                 input_size: tuple[int, int] = (112, 96)):
-        super().__init__()
+                 input_size: tuple[int, int] = (112, 96), fp16: bool = False):
         check_depth("SphereNet", depth, UNITS_PER_STAGE)
+        super().__init__(f"SphereFace-{depth}", embedding_size, input_size, fp16)
         self.depth = depth
-        self.embedding_size = embedding_size
-        self.input_size = tuple(input_size)
         feature_map = feature_map_size(f"SphereFace-{depth}", self.input_size, "112x96")
         layers = []
         in_channels = 3
@@ -99,6 +99,6 @@ class SphereNet(nn.Module):
         nn.init.zeros_(fc5.bias)
         self.embedding = nn.Sequential(nn.Flatten(), fc5)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        check_images(f"SphereFace-{self.depth}", images, self.input_size)
-        return self.embedding(self.features(images))
+    @property
+    def body(self) -> nn.Module:
+        return self.features  # saved as features.* in checkpoints

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from facetrain.backbones.layers import check_images
+from facetrain.backbones.layers import Backbone
 
 
 def import_timm():
@@ -27,27 +27,26 @@ def import_timm():
     return timm
 
 
-class TimmBackbone(nn.Module):
+class TimmBackbone(Backbone):
     """timm ``model_name`` + embedding layer: (N, 3, H, W) → (N, ``embedding_size``).
 
     ``model_kwargs`` go to ``timm.create_model``, e.g. ``{"img_size": [112, 112]}`` for vision
     transformers, whose position embeddings fix the input size (on the command line:
-    ``+backbone.model_kwargs.img_size=[112,112]``).
+    ``+backbone.model_kwargs.img_size=[112,112]``). ``fp16`` as every backbone
+    (:class:`Backbone`): the timm model in float16 on CUDA, Dropout-FC-BN in float32.
     """
 
     def __init__(self, model_name: str, embedding_size: int = 512,
                  input_size: tuple[int, int] = (112, 112), pretrained: bool = False,
-                 dropout: float = 0.0, model_kwargs: Mapping | None = None):
-        super().__init__()
+                 dropout: float = 0.0, model_kwargs: Mapping | None = None, fp16: bool = False):
         timm = import_timm()
         if not timm.is_model(model_name):
             raise ValueError(
                 f"timm has no model named {model_name!r} (backbone.model_name); list them with "
                 f"python -c \"import timm; print(timm.list_models('*resnet*'))\""
             )
+        super().__init__(f"timm {model_name}", embedding_size, input_size, fp16)
         self.model_name = model_name
-        self.embedding_size = embedding_size
-        self.input_size = tuple(input_size)
         self.body = timm.create_model(
             model_name, pretrained=pretrained, num_classes=0, **dict(model_kwargs or {})
         )
@@ -57,6 +56,10 @@ class TimmBackbone(nn.Module):
             nn.Linear(self.body.num_features, embedding_size),
             nn.BatchNorm1d(embedding_size),
         )
+
+    @property
+    def embedding(self) -> nn.Module:
+        return self.output  # saved as output.* in checkpoints
 
     def _check_input_size(self) -> None:
         """Run one image through the body so an unsupported size fails here, not mid-training."""
@@ -73,7 +76,3 @@ class TimmBackbone(nn.Module):
             ) from error
         finally:
             self.body.train(was_training)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        check_images(f"timm {self.model_name}", images, self.input_size)
-        return self.output(self.body(images))
