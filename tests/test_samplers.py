@@ -77,6 +77,100 @@ def test_ranks_get_disjoint_batches_of_equal_count(world_size):
         np.testing.assert_array_equal(batches, everything[rank::world_size])
 
 
+class Labelled(torch.utils.data.Dataset):
+    """Items are (index, label): what a rank loads comes back through the dataset itself, so
+    the label counts below are the dataset's, not the sampler's idea of them."""
+
+    def __init__(self, labels):
+        self.labels = np.asarray(labels)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int):
+        return index, int(self.labels[index])
+
+
+def loaded(sampler, dataset) -> list[tuple[list[int], list[int]]]:
+    """(indices, labels) of every batch a DataLoader with ``sampler`` yields from ``dataset``."""
+    loader = DataLoader(dataset, batch_size=sampler.batch_size, sampler=sampler, drop_last=True)
+    return [(indices.tolist(), labels.tolist()) for indices, labels in loader]
+
+
+def assert_p_by_k(batches, p: int, k: int) -> None:
+    for _, labels in batches:
+        assert sorted(Counter(labels).values()) == [k] * p, labels
+
+
+# 18 identities with exactly K=3 images each, batch 4 identities x 3: one epoch is one pass (every
+# identity offers one group), so ranks must split the data like DistributedSampler(drop_last=True):
+# disjoint shares of equal length whose union is the data except fewer than one batch per rank,
+# dropped as whole identities.
+ONE_PASS = np.repeat(np.arange(18), 3)
+np.random.default_rng(1).shuffle(ONE_PASS)
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_ranks_split_the_data_disjointly_and_cover_it(world_size):
+    dataset, k, p = Labelled(ONE_PASS), 3, 4
+    for epoch in range(3):
+        shares = []
+        for rank in range(world_size):
+            sampler = IdentityBalancedSampler(
+                ONE_PASS, p * k, k, seed=5, num_replicas=world_size, rank=rank
+            )
+            sampler.set_epoch(epoch)
+            batches = loaded(sampler, dataset)
+            assert_p_by_k(batches, p, k)
+            shares.append([i for indices, _ in batches for i in indices])
+        assert len({len(share) for share in shares}) == 1, "ranks must run equally many steps"
+        seen = [i for share in shares for i in share]
+        assert len(seen) == len(set(seen)), "an image was given twice (to one rank or two)"
+        dropped = sorted(set(range(len(ONE_PASS))) - set(seen))
+        # DistributedSampler rounds down to a multiple of the world size; here whole batches.
+        batches_per_rank = len(ONE_PASS) // (p * k) // world_size
+        assert len(seen) == batches_per_rank * world_size * p * k
+        assert len(dropped) < p * k * world_size
+        seen_identities = set(ONE_PASS[seen].tolist())
+        assert not seen_identities & set(ONE_PASS[dropped].tolist()), "identity cut in two"
+
+
+def test_set_epoch_reshuffles_every_rank_and_keeps_them_disjoint():
+    dataset, k, p = Labelled(ONE_PASS), 3, 4
+    ranks = [IdentityBalancedSampler(ONE_PASS, p * k, k, seed=2, num_replicas=2, rank=r)
+             for r in range(2)]
+    epochs = []
+    for epoch in range(4):
+        for sampler in ranks:
+            sampler.set_epoch(epoch)
+        epochs.append([loaded(sampler, dataset) for sampler in ranks])
+    orders = [tuple(i for share in shares for indices, _ in share for i in indices)
+              for shares in epochs]
+    assert len(set(orders)) == len(orders), "two epochs gave the same order"
+    # Not just a permutation of the batches: which identities meet in a batch changes too.
+    groupings = [frozenset(frozenset(labels) for share in shares for _, labels in share)
+                 for shares in epochs]
+    assert len(set(groupings)) == len(groupings)
+    again = IdentityBalancedSampler(ONE_PASS, p * k, k, seed=2, num_replicas=2, rank=1)
+    again.set_epoch(2)
+    assert loaded(again, dataset) == epochs[2][1], "an epoch must be reproducible from the seed"
+
+
+def test_two_ranks_on_uneven_identities_each_get_p_by_k_batches():
+    """Identities of 1..12 images: several passes per epoch and identities below K, where the
+    shares cannot be disjoint image by image; each rank still gets whole P x K batches, equally
+    many, and no batch of one rank reappears on the other."""
+    dataset = Labelled(LABELS)
+    for batch_size, k in [(8, 2), (12, 4), (6, 1)]:
+        shares = [loaded(IdentityBalancedSampler(LABELS, batch_size, k, seed=4, num_replicas=2,
+                                                 rank=rank), dataset) for rank in range(2)]
+        for share in shares:
+            assert_p_by_k(share, batch_size // k, k)
+        assert len(shares[0]) == len(shares[1]) == len(LABELS) // batch_size // 2
+        first = {tuple(sorted(indices)) for indices, _ in shares[0]}
+        assert not first & {tuple(sorted(indices)) for indices, _ in shares[1]}
+
+
 def test_too_few_identities_or_bad_batch_size_raise():
     with pytest.raises(DatasetError, match="needs 7 identities per batch"):
         IdentityBalancedSampler(np.repeat(np.arange(6), 4), 14, images_per_identity=2)
@@ -139,7 +233,8 @@ class RecordLabels(pl.LightningModule):
 
 @pytest.mark.slow
 def test_lightning_ddp_gives_each_rank_its_own_pk_batches_every_epoch(tmp_path):
-    root = write_faces(tmp_path / "faces", identities=8, per_identity=6)
+    # 16 identities x K images: one epoch is one pass, so the ranks' shares must be disjoint.
+    root = write_faces(tmp_path / "faces", identities=16, per_identity=2)
     datamodule = FaceDataModule(
         str(root), {}, image_size=(8, 8), batch_size=8, num_workers=0, index_cache=None,
         sampler=partial(IdentityBalancedSampler, images_per_identity=2),
@@ -151,8 +246,14 @@ def test_lightning_ddp_gives_each_rank_its_own_pk_batches_every_epoch(tmp_path):
     trainer.fit(RecordLabels(tmp_path), datamodule=datamodule)
     seen = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for epoch in ("0", "1"):
-        assert len(seen[0][epoch]) == len(seen[1][epoch]) == 48 // 8 // 2
+        assert len(seen[0][epoch]) == len(seen[1][epoch]) == 32 // 8 // 2
         for batch in seen[0][epoch] + seen[1][epoch]:
             assert sorted(Counter(batch).values()) == [2, 2, 2, 2]
         assert seen[0][epoch] != seen[1][epoch]  # each rank its own share
+        # Lightning's rank and world size reached the sampler: together the ranks saw every
+        # identity's two images once, and no identity on both ranks.
+        identities = [{label for batch in seen[r][epoch] for label in batch} for r in range(2)]
+        assert not identities[0] & identities[1]
+        every_label = [label for r in range(2) for batch in seen[r][epoch] for label in batch]
+        assert Counter(every_label) == dict.fromkeys(range(16), 2)
     assert seen[0]["0"] != seen[0]["1"]  # set_epoch reached the sampler
