@@ -56,11 +56,39 @@ def test_same_seed_same_bytes_whatever_the_number_of_workers(tmp_path):
         assert (Path(one.root) / relative).read_bytes() == (Path(two.root) / relative).read_bytes()
 
 
+def faces_of(folder: Path, image: str = "0000.jpg") -> np.ndarray:
+    """One image of every identity folder as (identities, pixels) floats, averaged over 4x4
+    blocks (112 -> 28: the comparisons below stay fast, a duplicate stays at 0)."""
+    identities = sorted(p for p in folder.iterdir() if p.is_dir())
+    pixels = np.stack([np.asarray(Image.open(d / image), float) for d in identities])
+    return pixels.reshape(len(pixels), 28, 4, 28, 4, 3).mean(axis=(2, 4)).reshape(len(pixels), -1)
+
+
 def test_verification_identities_are_not_training_identities(tmp_path):
-    faces = small(tmp_path / "faces", variation=0.0).generate()  # canonical faces: traits only
-    train = np.asarray(Image.open(faces.train_root / "id_00000" / "0000.jpg"), dtype=float)
-    held_out = np.asarray(Image.open(faces.verification_root / "id_00000" / "0000.jpg"), float)
-    assert np.abs(train - held_out).mean() > 5
+    """No held-out identity is a near-duplicate of any training identity. At variation 0 every
+    image of an identity is its canonical face (traits only, pixel for pixel the same), so an
+    identity drawn twice, whatever its index, would be a pixel-space nearest neighbour at ~0,
+    while distinct identities stay several grey levels apart on average."""
+    faces = small(
+        tmp_path / "faces", variation=0.0, num_train_identities=40, images_per_train_identity=1,
+        num_verification_identities=10, images_per_verification_identity=2,
+    ).generate()
+    train, held_out = faces_of(faces.train_root), faces_of(faces.verification_root)
+    assert np.abs(train[0] - held_out[0]).mean() > 5
+    second = faces_of(faces.verification_root, "0001.jpg")
+    assert np.abs(second - held_out).max() == 0, "variation 0 is not canonical"
+
+    among_train = np.abs(train[:, None] - train[None]).mean(axis=2)  # mean |diff|, pairwise
+    np.fill_diagonal(among_train, np.inf)
+    typical = np.median(among_train.min(axis=1))  # how close two distinct identities come
+    assert typical > 2
+    closest = np.abs(held_out[:, None] - train[None]).mean(axis=2).min(axis=1)
+    leaked = np.flatnonzero(closest <= typical / 4)
+    assert not len(leaked), f"held-out identities {leaked} are training identities: {closest}"
+    # And the pair protocol only ever shows held-out faces.
+    for line in faces.pairs_file.read_text().splitlines():
+        path_a, path_b, _ = line.split()
+        assert Path(path_a).parts[0] == Path(path_b).parts[0] == faces.verification_root.name
 
 
 def test_cached_until_the_settings_change(tmp_path):
