@@ -221,6 +221,17 @@ def _state_dict_mismatch(model: nn.Module, state: Mapping[str, torch.Tensor]) ->
     return "; ".join(problems) or None
 
 
+def upgrade_state_dict(state: dict) -> dict:
+    """Checkpoints written before the class-center/margin split kept the class centers in the
+    head (``head.weight``, ``head.bias``); they now live in the classifier. Renamed in place,
+    so old runs resume and evaluate as before."""
+    if not any(key.startswith("classifier.") for key in state):
+        for name in ("weight", "bias"):
+            if f"head.{name}" in state:
+                state[f"classifier.{name}"] = state.pop(f"head.{name}")
+    return state
+
+
 def check_resume(checkpoint: Mapping, description: Mapping, model: nn.Module) -> None:
     """Before Lightning restores ``model`` from ``checkpoint``: fail clearly if the weights
     cannot fit (naming the config keys that differ and the first mismatching tensors); only

@@ -1,70 +1,77 @@
-"""The LightningModule: backbone → embedding → head → cross-entropy. Wiring, optimisation and
-logging only; the model math lives in ``backbones/`` and ``heads/``."""
+"""The LightningModule: backbone → embedding → class centers + margin → cross-entropy. Wiring,
+optimisation and logging only; the model math lives in ``backbones/``, ``classifiers/`` and
+``heads/``."""
 
 import logging
 from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
-from pytorch_lightning.loggers import TensorBoardLogger
 from torch import nn
 
-from facetrain.checkpoint import METADATA_KEY, check_resume
-from facetrain.evaluation import embed, kfold_verification, pair_scores, roc_curve
-from facetrain.evaluation.plots import plot_roc
-from facetrain.evaluation.projector import projector_sample
+from facetrain.checkpoint import METADATA_KEY, check_resume, upgrade_state_dict
+from facetrain.classifiers import ClassCenters
+from facetrain.evaluation import embed, kfold_verification, pair_scores
 
 log = logging.getLogger(__name__)
 
 
+class ValidatedSet(NamedTuple):
+    """One verification set at the end of a validation epoch, for callbacks to show."""
+
+    dataset: Any  # name, pairs, same, identities; yields (image, image index)
+    embeddings: torch.Tensor  # (images, D), placed by image index, gathered across ranks
+    scores: np.ndarray  # cosine score of each pair
+
+
 class FaceRecognitionModule(pl.LightningModule):
-    """Trains ``backbone`` + ``head`` with cross-entropy; validates on verification pairs.
+    """Trains ``backbone`` + ``head`` (a margin, ``facetrain.heads``) on the class centers of
+    ``classifier`` (``facetrain.classifiers``) with cross-entropy; validates on verification
+    pairs.
 
     ``optimizer`` is a factory taking parameter groups (a Hydra ``_partial_``);
     ``scheduler`` takes the optimizer and the total number of optimizer steps.
     ``weight_decay`` gives each parameter group its own decay: ``{"backbone": .., "head": ..}``.
     ``description`` (plain containers: configs, input size, normalisation; see
     ``facetrain.checkpoint.describe_model``) is stored in every checkpoint so that the model can
-    be rebuilt and checked without the training config. With a TensorBoard logger, validation
-    also draws each set's ROC curve and, every ``projector_every_n_epochs``, puts
-    ``projector_samples`` held-out embeddings with identity labels and thumbnails in the
-    embedding projector (0 = off).
+    be rebuilt and checked without the training config. What is shown (ROC figures, projector,
+    histograms) is drawn by ``facetrain.callbacks`` from ``last_validation`` and
+    ``head_statistics``; ``training_step`` returns the batch's embeddings beside the loss.
     """
 
     def __init__(
         self,
         backbone: nn.Module,
         head: nn.Module,
+        classifier: ClassCenters,
         optimizer: Callable,
         scheduler: Callable | None = None,
         weight_decay: Mapping[str, float] | None = None,
         flip_test: bool = True,
-        histogram_every_n_steps: int = 100,
         channels_last: bool = False,
         description: Mapping | None = None,
-        roc_figure: bool = True,
-        projector_samples: int = 256,
-        projector_every_n_epochs: int = 5,
     ):
         super().__init__()
         self.backbone = backbone
         self.head = head
+        self.classifier = classifier
+        if classifier.sharded:  # each rank's shard has its own gradient: DDP must not average it
+            self._ddp_params_and_buffers_to_ignore = [
+                f"classifier.{name}" for name, _ in classifier.named_parameters()
+            ]
+        self._first_non_finite: torch.Tensor | None = None  # step of the first bad loss, or -1
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.weight_decay = dict(weight_decay or {"backbone": 5e-4, "head": 5e-4})
         self.flip_test = flip_test
-        self.histogram_every_n_steps = histogram_every_n_steps
         self.channels_last = channels_last
         if channels_last:  # NHWC convolutions: ~1.6x faster MobileFaceNet steps on CPU (oneDNN)
             self.backbone.to(memory_format=torch.channels_last)
         self.description = dict(description) if description is not None else None
-        self.roc_figure = roc_figure
-        self.projector_samples = projector_samples
-        self.projector_every_n_epochs = projector_every_n_epochs
-        self._projector_samples: dict[str, tuple] = {}  # per set: read its thumbnails once
         self.verification_results: dict[str, dict[str, float]] = {}
+        self.last_validation: dict[str, ValidatedSet] = {}  # the latest validation, per set
         self._val_embeddings: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -75,47 +82,60 @@ class FaceRecognitionModule(pl.LightningModule):
             return images.contiguous(memory_format=torch.channels_last)
         return images
 
-    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        self.head.set_step(self.global_step)  # annealing counts optimizer steps, not forwards
+
+    def _is_logging_step(self) -> bool:
+        # Lightning writes logged values on the steps where (step + 1) % log_every_n_steps == 0.
+        return (self.global_step + 1) % self.trainer.log_every_n_steps == 0
+
+    def training_step(self, batch, batch_idx: int) -> dict:
         images, labels = batch
         embeddings = self.backbone(self._memory_format(images))
-        loss = F.cross_entropy(self.head(embeddings, labels), labels)
+        logging = self._is_logging_step()
+        output = self.classifier(embeddings, labels, self.head, statistics=logging)
+        loss = output.loss
         extra = self.head.extra_loss()
         if extra is not None:
             self.log("train/head_extra_loss", extra)
             loss = loss + extra
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"training loss is {loss.item()} at step {self.global_step} (epoch "
-                f"{self.current_epoch}); lower optimizer.lr or add warm-up, then resume from the "
-                f"last good checkpoint in the run's checkpoints/ folder with ckpt_path=..."
-            )
+        self._check_finite(loss, logging)
         self.log("train/loss", loss, prog_bar=True)
         for name, value in self.head.state_metrics().items():  # lambda, t, learnt scale, ...
             self.log(f"train/head_{name}", value)
-        self._log_head_statistics(embeddings.detach(), labels)
-        return loss
+        if output.statistics is not None:
+            self._log_head_statistics(output.statistics)
+        # embeddings and statistics for the callbacks' batch-end hooks (histograms)
+        return {"loss": loss, "embeddings": embeddings.detach(), "statistics": output.statistics}
 
-    def _log_head_statistics(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
-        """Head statistics on logging steps only: they cost an extra class-matrix product."""
-        # Lightning writes logged values on the steps where (step + 1) % log_every_n_steps == 0.
-        step = self.global_step + 1
-        scalars = step % self.trainer.log_every_n_steps == 0
-        histograms = step % self.histogram_every_n_steps == 0 and isinstance(
-            self.logger, TensorBoardLogger
-        )
-        if not (scalars or histograms):
-            return
-        stats = self.head.statistics(embeddings, labels)
-        if scalars:
-            self.log("train/accuracy", stats["accuracy"], prog_bar=True)
-            self.log("train/theta_y_deg", stats["theta_y"].mean())
-            self.log("train/theta_max_negative_deg", stats["theta_max_negative"].mean())
-            self.log("train/cos_max_negative", stats["cos_max_negative"])
-            self.log("train/hard_negative_fraction", stats["hard_negative_fraction"])
-        if histograms:
-            writer = self.logger.experiment
-            for name in ("theta_y", "theta_max_negative"):
-                writer.add_histogram(f"train/{name}_deg", stats[name], self.global_step)
+    def _check_finite(self, loss: torch.Tensor, logging: bool) -> None:
+        """Remember the first step whose loss is not finite without reading the device (no
+        host sync); stop on the next logging step, naming that step."""
+        bad = ~torch.isfinite(loss.detach())
+        if self._first_non_finite is None:
+            self._first_non_finite = torch.full((), -1, dtype=torch.long, device=loss.device)
+        first = self._first_non_finite
+        self._first_non_finite = torch.where(bad & (first < 0), self.global_step, first)
+        if logging and self._first_non_finite >= 0:
+            raise FloatingPointError(
+                f"training loss is not finite (nan or inf) since step "
+                f"{int(self._first_non_finite)} (epoch {self.current_epoch}); lower optimizer.lr "
+                f"or add warm-up, then resume from the last good checkpoint in the run's "
+                f"checkpoints/ folder with ckpt_path=..."
+            )
+
+    @torch.no_grad()
+    def head_statistics(self, embeddings: torch.Tensor, labels: torch.Tensor) -> dict:
+        """The head's view of a batch: per-sample ``theta_y`` and ``theta_max_negative`` in
+        degrees, and batch scalars (``ClassCenters.statistics``)."""
+        return self.classifier.statistics(embeddings, labels, self.head)
+
+    def _log_head_statistics(self, stats: dict) -> None:
+        self.log("train/accuracy", stats["accuracy"], prog_bar=True)
+        self.log("train/theta_y_deg", stats["theta_y"].mean())
+        self.log("train/theta_max_negative_deg", stats["theta_max_negative"].mean())
+        self.log("train/cos_max_negative", stats["cos_max_negative"])
+        self.log("train/hard_negative_fraction", stats["hard_negative_fraction"])
 
     def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         images, indices = batch
@@ -124,6 +144,7 @@ class FaceRecognitionModule(pl.LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         self._val_embeddings.clear()
+        self.last_validation.clear()
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:  # a few batches only: no meaningful verification
@@ -137,7 +158,7 @@ class FaceRecognitionModule(pl.LightningModule):
             self.verification_results[dataset.name] = result.as_dict()
             for key, value in result.scalars().items():
                 self.log(f"val/{dataset.name}/{key}", value, add_dataloader_idx=False)
-            self._log_to_tensorboard(dataset, embeddings, scores)
+            self.last_validation[dataset.name] = ValidatedSet(dataset, embeddings, scores)
             accuracies.append(result.accuracy)
             log.info(
                 "epoch %d, %s: verification accuracy %.4f ± %.4f, AUC %.4f",
@@ -146,40 +167,49 @@ class FaceRecognitionModule(pl.LightningModule):
         self.log("val/accuracy", float(np.mean(accuracies)), prog_bar=True)
         self._val_embeddings.clear()
 
-    def _log_to_tensorboard(self, dataset, embeddings: torch.Tensor, scores: np.ndarray) -> None:
-        """ROC figure and embedding projector of one verification set (rank 0 only)."""
-        writer = next(
-            (lg.experiment for lg in self.loggers if isinstance(lg, TensorBoardLogger)), None
-        )
-        if writer is None or not self.trainer.is_global_zero:
-            return
-        if self.roc_figure:
-            far, tar, _ = roc_curve(scores, dataset.same)
-            figure = plot_roc({dataset.name: (far, tar)}, f"{dataset.name}, epoch "
-                                f"{self.current_epoch}")
-            writer.add_figure(f"val/{dataset.name}/roc", figure, self.global_step)
-        epoch = self.current_epoch + 1
-        last_epoch = self.trainer.max_epochs is not None and epoch >= self.trainer.max_epochs
-        if self.projector_samples > 0 and (epoch % self.projector_every_n_epochs == 0
-                                           or last_epoch):
-            if dataset.name not in self._projector_samples:
-                self._projector_samples[dataset.name] = projector_sample(
-                    dataset, self.projector_samples
-                )
-            indices, labels, thumbnails = self._projector_samples[dataset.name]
-            writer.add_embedding(
-                embeddings[torch.as_tensor(indices, device=embeddings.device)].float().cpu(),
-                metadata=labels, label_img=thumbnails, global_step=self.global_step,
-                tag=dataset.name,
-            )
-
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self.description is not None:
             checkpoint[METADATA_KEY] = self.description
+        if self.classifier.sharded:  # the centers' optimizer state, whole (see PartialFC)
+            self._convert_center_state(checkpoint, self.classifier.full_rows, rows=None)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        upgrade_state_dict(checkpoint["state_dict"])
+        if self.classifier.sharded:
+            self._convert_center_state(
+                checkpoint, self.classifier.own_rows, rows=self.classifier.num_classes
+            )
         if self.description is not None:
             check_resume(checkpoint, self.description, self)
+
+    def _convert_center_state(self, checkpoint: dict, convert: Callable, rows: int | None) -> None:
+        """Apply ``convert`` to the per-center optimizer state (momentum, Adam moments) of the
+        sharded class centers; ``rows``: only tensors with that many rows (None: the shard's)."""
+        weight = self.classifier.weight
+        rows = weight.shape[0] if rows is None else rows
+        order = [p for group in self._parameter_groups() for p in group["params"]]
+        position = next(i for i, p in enumerate(order) if p is weight)
+        for optimizer_state in checkpoint.get("optimizer_states", []):
+            state = optimizer_state.get("state", {}).get(position, {})
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.ndim and value.shape[0] == rows:
+                    state[key] = convert(value)
+
+    def configure_gradient_clipping(
+        self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
+    ) -> None:
+        if not self.classifier.sharded or gradient_clip_val is None:
+            return super().configure_gradient_clipping(
+                optimizer, gradient_clip_val, gradient_clip_algorithm
+            )
+        # Clip the replicated parameters only: a norm taken over per-rank shards would differ
+        # between ranks and make the replicas diverge.
+        replicated = [p for name, p in self.named_parameters()
+                      if not name.startswith("classifier.") and p.grad is not None]
+        if gradient_clip_algorithm == "value":
+            torch.nn.utils.clip_grad_value_(replicated, gradient_clip_val)
+        else:
+            torch.nn.utils.clip_grad_norm_(replicated, gradient_clip_val)
 
     def _verification_datasets(self) -> list:
         loaders = self.trainer.val_dataloaders
@@ -195,17 +225,22 @@ class FaceRecognitionModule(pl.LightningModule):
         placed[indices] = embeddings
         return placed
 
-    def configure_optimizers(self):
-        head_scalars = [p for p in self.head.parameters() if p.ndim == 0]
-        head_matrices = [p for p in self.head.parameters() if p.ndim > 0]
+    def _parameter_groups(self) -> list[dict]:
+        """Backbone; class centers (and bias) with the margin's matrices; the margin's scalars
+        (a learnt scale or alpha must not be decayed towards zero)."""
+        head = [*self.classifier.parameters(), *self.head.parameters()]
         decay = self.weight_decay
         groups = [
             {"params": list(self.backbone.parameters()), "weight_decay": decay["backbone"]},
-            {"params": head_matrices, "weight_decay": decay["head"]},
+            {"params": [p for p in head if p.ndim > 0], "weight_decay": decay["head"]},
         ]
-        if head_scalars:  # a learnt scale or alpha must not be decayed towards zero
-            groups.append({"params": head_scalars, "weight_decay": 0.0})
-        optimizer = self.optimizer_factory(groups)
+        scalars = [p for p in head if p.ndim == 0]
+        if scalars:
+            groups.append({"params": scalars, "weight_decay": 0.0})
+        return groups
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(self._parameter_groups())
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(

@@ -4,6 +4,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from facetrain.classifiers import FullClassCenters
 from facetrain.heads import CurricularFace
 
 
@@ -17,9 +18,10 @@ def update_on_rank(rank: int, world_size: int, init_file: str, results) -> None:
                             world_size=world_size)
     try:
         torch.manual_seed(0)  # same initial class centers on every rank, as DDP guarantees
-        head = CurricularFace(8, 5).train()
+        head = CurricularFace().train()
+        centers = FullClassCenters(8, 5, head)
         embeddings, labels = batch_for(rank)
-        head(embeddings, labels)
+        centers(embeddings, labels, head)
         results[rank] = float(head.t)
     finally:
         dist.destroy_process_group()
@@ -30,7 +32,7 @@ def test_t_uses_the_mean_over_all_ranks(tmp_path):
     mp.spawn(update_on_rank, args=(2, str(tmp_path / "init"), results), nprocs=2, join=True)
 
     torch.manual_seed(0)
-    weight = CurricularFace(8, 5).weight.detach()
+    weight = FullClassCenters(8, 5, CurricularFace()).weight.detach()
     cos_y = []
     for rank in range(2):  # independent: cosine of each sample to its own class center
         embeddings, labels = batch_for(rank)

@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from full_head import full_head
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from facetrain.heads import ArcFace, CosineMarginHead, Softmax
+from facetrain.heads import ArcFace, Margin, Softmax
 
 LOSS_CONFIGS = sorted((Path(__file__).parents[1] / "configs" / "loss").glob("*.yaml"))
 
@@ -49,7 +50,7 @@ def at_angle(direction: np.ndarray, angle: float, rng: np.random.Generator) -> n
 
 
 def make_arcface(weight: np.ndarray, **kwargs) -> ArcFace:
-    head = ArcFace(weight.shape[1], weight.shape[0], **kwargs)
+    head = full_head(ArcFace(**kwargs), weight.shape[1], weight.shape[0])
     with torch.no_grad():
         head.weight.copy_(torch.from_numpy(weight))
     return head
@@ -153,7 +154,7 @@ def test_arcface_gradients_finite_at_cosine_exactly_plus_minus_one(sign, easy_ma
 
 def test_arcface_logits_float32_for_bfloat16_embeddings_and_under_autocast():
     torch.manual_seed(0)
-    head = ArcFace(32, 10)
+    head = full_head(ArcFace(), 32, 10)
     x = torch.randn(8, 32).bfloat16()
     labels = torch.randint(0, 10, (8,))
 
@@ -170,14 +171,14 @@ def test_arcface_logits_float32_for_bfloat16_embeddings_and_under_autocast():
 
 
 def test_head_weight_is_class_center_matrix():
-    assert ArcFace(24, 11).weight.shape == (11, 24)
-    assert Softmax(24, 11).weight.shape == (11, 24)
+    assert full_head(ArcFace(), 24, 11).weight.shape == (11, 24)
+    assert full_head(Softmax(), 24, 11).weight.shape == (11, 24)
 
 
 @pytest.mark.parametrize("bias", [True, False])
 def test_softmax_logits_are_linear_layer(bias):
     rng = np.random.default_rng(3)
-    head = Softmax(6, 4, bias=bias)
+    head = full_head(Softmax(bias=bias), 6, 4)
     weight = rng.normal(size=(4, 6)).astype(np.float32)
     b = rng.normal(size=4).astype(np.float32)
     with torch.no_grad():
@@ -190,11 +191,11 @@ def test_softmax_logits_are_linear_layer(bias):
     np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
     if not bias:
         assert head.bias is None
-        assert [name for name, _ in head.named_parameters()] == ["weight"]
+        assert [name for name, _ in head.named_parameters()] == ["centers.weight"]
 
 
 def test_softmax_logits_float32_under_autocast():
-    head = Softmax(16, 5)
+    head = full_head(Softmax(), 16, 5)
     x = torch.randn(3, 16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits = head(x.bfloat16(), torch.zeros(3, dtype=torch.long))
@@ -203,8 +204,8 @@ def test_softmax_logits_float32_under_autocast():
 
 @pytest.mark.parametrize("config", LOSS_CONFIGS, ids=lambda p: p.stem)
 def test_every_loss_config_instantiates_a_working_head(config):
-    head = instantiate(OmegaConf.load(config), embedding_size=12, num_classes=5)
-    assert isinstance(head, CosineMarginHead)
+    head = full_head(instantiate(OmegaConf.load(config)), 12, 5)
+    assert isinstance(head.rule, Margin)
     # Sub-center ArcFace keeps K centers per class, class-major (insightface's layout).
     assert head.weight.shape == (5 * getattr(head, "subcenters", 1), 12)
     labels = torch.tensor([0, 4, 2])

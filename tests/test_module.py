@@ -6,8 +6,17 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
+from facetrain.classifiers import FullClassCenters
 from facetrain.heads import ArcFace
 from facetrain.module import FaceRecognitionModule
+
+
+def arcface_module(backbone: nn.Module, num_classes: int = 3, **options) -> FaceRecognitionModule:
+    head = ArcFace()
+    centers = FullClassCenters(backbone.embedding_size, num_classes, head)
+    return FaceRecognitionModule(
+        backbone, head, centers, optimizer=lambda g: torch.optim.SGD(g, lr=0.1), **options
+    )
 
 
 class Constant(nn.Module):
@@ -23,20 +32,16 @@ class Constant(nn.Module):
 
 
 def test_parameter_groups_get_their_own_weight_decay():
-    module = FaceRecognitionModule(
-        Constant(1.0), ArcFace(4, 3), optimizer=lambda groups: torch.optim.SGD(groups, lr=0.1),
-        weight_decay={"backbone": 1e-4, "head": 0.0},
-    )
+    module = arcface_module(Constant(1.0), weight_decay={"backbone": 1e-4, "head": 0.0})
     optimizer = module.configure_optimizers()
     backbone_group, head_group = optimizer.param_groups
     assert backbone_group["weight_decay"] == 1e-4 and head_group["weight_decay"] == 0.0
-    assert head_group["params"][0] is module.head.weight
+    assert head_group["params"][0] is module.classifier.weight
 
 
 def test_non_finite_loss_stops_with_advice():
-    module = FaceRecognitionModule(
-        Constant(float("nan")), ArcFace(4, 3), optimizer=lambda g: torch.optim.SGD(g, lr=0.1)
-    )
+    module = arcface_module(Constant(float("nan")))
+    module.trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, log_every_n_steps=1)
     batch = (torch.zeros(2, 3, 8, 8), torch.tensor([0, 1]))
     with pytest.raises(FloatingPointError, match="lower optimizer.lr"):
         module.training_step(batch, 0)
@@ -44,9 +49,9 @@ def test_non_finite_loss_stops_with_advice():
 
 def test_validation_embeddings_are_placed_by_image_index():
     """Batches arrive in any order; each embedding must land at its image's index."""
-    module = FaceRecognitionModule(
-        nn.Flatten(), ArcFace(4, 3), optimizer=lambda g: torch.optim.SGD(g, lr=0.1)
-    )
+    flatten = nn.Flatten()
+    flatten.embedding_size = 4
+    module = arcface_module(flatten)
     rng = np.random.default_rng(0)
     images = torch.tensor(rng.normal(size=(6, 1, 2, 2)), dtype=torch.float32)
     module._val_embeddings[0] = [

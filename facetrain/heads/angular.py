@@ -6,15 +6,16 @@ decreasing on [0, pi]. ``cos(m·theta)`` comes from the Chebyshev polynomial of 
 from the thresholds ``cos(k·pi/m)``, so no acos is needed. Training anneals from softmax
 towards psi: ``T = (lambda·cos_y + psi(theta_y)) / (1 + lambda)`` with
 ``lambda = max(lambda_min, base·(1 + gamma·iteration)^(-power))`` (the Caffe layer's schedule;
-iteration counts training forwards, i.e. optimizer steps). ``base=0, lambda_min=0`` gives the
-un-annealed loss.
+iteration counts optimizer steps, also under gradient accumulation: the step in progress is
+iteration ``global_step + 1``, as the Caffe layer counts its first forward 1). ``base=0,
+lambda_min=0`` gives the un-annealed loss.
 """
 
 import math
 
 import torch
 
-from facetrain.heads.base import CosineMarginHead
+from facetrain.heads.base import CenterCosines, Margin
 
 # cos(m·theta) as a polynomial of c = cos(theta) (Chebyshev polynomials of the first kind).
 CHEBYSHEV = {
@@ -36,20 +37,11 @@ def psi(cos: torch.Tensor, margin: int) -> torch.Tensor:
     return sign * CHEBYSHEV[margin](cos) - 2.0 * k
 
 
-class AnnealedAngularMargin(CosineMarginHead):
+class AnnealedAngularMargin(Margin):
     """Shared by L-Softmax and SphereFace: psi target, annealed lambda, iteration buffer."""
 
-    def __init__(
-        self,
-        embedding_size: int,
-        num_classes: int,
-        margin: int,
-        base: float,
-        gamma: float,
-        power: float,
-        lambda_min: float,
-    ):
-        super().__init__(embedding_size, num_classes, scale=1.0)
+    def __init__(self, margin: int, base: float, gamma: float, power: float, lambda_min: float):
+        super().__init__(scale=1.0)
         psi(torch.zeros(1), margin)  # validates the margin now, not at the first step
         self.margin = margin
         self.base, self.gamma, self.power, self.lambda_min = base, gamma, power, lambda_min
@@ -64,38 +56,41 @@ class AnnealedAngularMargin(CosineMarginHead):
     def lambda_(self) -> float:
         return float(self.annealed_lambda())
 
-    def update_state(self, cos_y: torch.Tensor, norms: torch.Tensor) -> None:
-        self.iteration += 1
+    def set_step(self, step: int) -> None:
+        # A host-to-device fill, not a device-to-host wait: the counter follows the trainer's
+        # optimizer steps exactly (accumulation, resume) instead of counting forwards.
+        self.iteration.fill_(step + 1)
 
     def target_logit(self, cos_y: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
         lam = self.annealed_lambda().to(cos_y.dtype)
         return (lam * cos_y + psi(cos_y, self.margin)) / (1.0 + lam)
 
-    def state_metrics(self) -> dict[str, float]:
-        return {"lambda": self.lambda_}
+    def state_metrics(self) -> dict[str, torch.Tensor]:
+        return {"lambda": self.annealed_lambda().detach()}
 
 
 class LSoftmax(AnnealedAngularMargin):
     """L-Softmax: weights and features un-normalised, ``logit_j = |W_j||x| cos_j`` and the
-    target ``|W_y||x| psi(theta_y)`` (annealed). No bias, as in the paper."""
+    target ``|W_y||x| psi(theta_y)`` (annealed). No bias, as in the paper. Needs every class
+    center's norm, so it runs on the full class-center store only."""
+
+    stores = ("full",)
 
     def __init__(
         self,
-        embedding_size: int,
-        num_classes: int,
         margin: int = 2,
         base: float = 1000.0,
         gamma: float = 0.12,
         power: float = 1.0,
         lambda_min: float = 0.0,
     ):
-        super().__init__(embedding_size, num_classes, margin, base, gamma, power, lambda_min)
+        super().__init__(margin, base, gamma, power, lambda_min)
 
-    def unmargined_logits(self, x: torch.Tensor) -> torch.Tensor:
-        return x @ self.weight.float().T
+    def unmargined(self, c: CenterCosines) -> torch.Tensor:
+        return c.cos * c.center_norms  # the row factor |x| does not change the argmax
 
-    def logit_scale(self, norms: torch.Tensor) -> torch.Tensor:
-        return norms * self.weight.float().norm(dim=1)
+    def logit_scale(self, norms: torch.Tensor, center_norms: torch.Tensor) -> torch.Tensor:
+        return norms * center_norms
 
 
 class SphereFace(AnnealedAngularMargin):
@@ -104,15 +99,13 @@ class SphereFace(AnnealedAngularMargin):
 
     def __init__(
         self,
-        embedding_size: int,
-        num_classes: int,
         margin: int = 4,
         base: float = 1000.0,
         gamma: float = 0.12,
         power: float = 1.0,
         lambda_min: float = 5.0,
     ):
-        super().__init__(embedding_size, num_classes, margin, base, gamma, power, lambda_min)
+        super().__init__(margin, base, gamma, power, lambda_min)
 
-    def logit_scale(self, norms: torch.Tensor) -> torch.Tensor:
+    def logit_scale(self, norms: torch.Tensor, center_norms: torch.Tensor) -> torch.Tensor:
         return norms

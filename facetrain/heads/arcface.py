@@ -3,10 +3,10 @@ CVPR 2019): ``T(cos_y) = cos(theta_y + m)``, every non-target logit stays ``cos_
 
 import torch
 
-from facetrain.heads.base import CosineMarginHead, additive_angular_margin
+from facetrain.heads.base import Margin, additive_angular_margin
 
 
-class ArcFace(CosineMarginHead):
+class ArcFace(Margin):
     """Additive angular margin; paper defaults s=64, m=0.5.
 
     ``cos(theta + m)`` stops decreasing once ``theta + m > pi``; beyond ``theta_y > pi - m`` the
@@ -14,15 +14,8 @@ class ArcFace(CosineMarginHead):
     stays monotonic in theta. With ``easy_margin`` the margin is applied only where ``cos_y > 0``.
     """
 
-    def __init__(
-        self,
-        embedding_size: int,
-        num_classes: int,
-        scale: float = 64.0,
-        margin: float = 0.5,
-        easy_margin: bool = False,
-    ):
-        super().__init__(embedding_size, num_classes, scale)
+    def __init__(self, scale: float = 64.0, margin: float = 0.5, easy_margin: bool = False):
+        super().__init__(scale)
         self.margin = margin
         self.easy_margin = easy_margin
 

@@ -1,21 +1,25 @@
-"""The shared cosine core every margin head is built on (see heads.md).
+"""The one form every margin follows (docs/heads.md).
 
-Every head computes ``cos_j = <x/|x|, W_j/|W_j|>``, modulates the target cosine with ``T`` and
-the non-target cosines with ``N``, and multiplies by a scale::
+A margin turns the cosines of a batch to the class centers it is given into logits::
 
     logit_y = scale * T(cos_y)        logit_j = scale * N(cos_j, T(cos_y))   (j != y)
 
-A head says only what differs (``target_logit``, ``non_target_logit``, ``logit_scale``, and
-``update_state`` for heads with state); this class does the normalisation, float32 math,
-clamping, the target gather/scatter and the statistics that are logged to TensorBoard.
+It never owns or touches the class-center weight: a class-center store
+(``facetrain.classifiers``: one dense matrix, or Partial-FC shards over many ranks) computes the
+cosines, hands them over as ``CenterCosines`` and takes the cross-entropy of the logits. That is
+what lets every cosine margin run on one GPU or on millions of identities.
 
-State (iteration counters, running averages) lives in registered buffers, so it is saved in
-checkpoints and restored on resume; ``update_state`` runs only in training mode.
-An extra loss term (MagFace's regulariser, NormFace's agent losses) is returned by
-``extra_loss()`` after a training forward; the module adds it to the cross-entropy and logs it.
+A margin says only what differs (``target_logit``, ``non_target_logit``, ``logit_scale``, and
+``update_state`` for margins with state); ``Margin.logits`` does the target scatter. State
+(running averages, iteration counters) lives in registered buffers, so it is saved in
+checkpoints and restored on resume. An extra loss term (MagFace's regulariser, NormFace's agent
+losses) is returned by ``extra_loss()`` after a training forward; the module adds it to the
+cross-entropy and logs it.
 """
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -24,30 +28,26 @@ from torch import nn
 # Cosines are kept this far inside [-1, 1] so that acos and sqrt(1 - cos^2) have finite gradients.
 COS_EPS = 1e-7
 
+# Sums a small tensor over the ranks whose rows together make up the global batch (identity on
+# one process, or where every rank already sees the global batch, as under Partial-FC).
+Reduce = Callable[[torch.Tensor], torch.Tensor]
+
+
+def no_reduce(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
 
 def additive_angular_margin(cos_y: torch.Tensor, margin) -> torch.Tensor:
     """``cos(theta + m)`` where ``theta + m <= pi``, else insightface's fallback
     ``cos - m·sin(m)``, so the target logit keeps decreasing in theta. ``margin`` may be a
     float or a per-sample tensor (MagFace)."""
-    margin = torch.as_tensor(margin, dtype=cos_y.dtype, device=cos_y.device)
     sin_y = torch.sqrt(1.0 - cos_y * cos_y)
-    cos_y_plus_m = cos_y * torch.cos(margin) - sin_y * torch.sin(margin)
-    return torch.where(
-        cos_y > torch.cos(math.pi - margin), cos_y_plus_m, cos_y - margin * torch.sin(margin)
-    )
-
-
-def cosine_to_centers(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``<x/|x|, W_j/|W_j|>`` (N, C) in float32.
-
-    Dividing the product by the row norms of W, instead of normalising W first, never
-    materialises a normalised copy of the (C, D) matrix: with many classes that copy and its
-    backward cost as much as the matrix product itself. Not clamped: only the target cosine
-    goes through acos/sqrt (clamped in ``forward``), so the (N, C) matrix is spared a pass.
-    """
-    weight = weight.float()
-    product = F.linear(F.normalize(x, dim=1), weight)
-    return product / weight.norm(dim=1).clamp_min(1e-12)
+    if isinstance(margin, torch.Tensor):
+        cos_m, sin_m, threshold = torch.cos(margin), torch.sin(margin), torch.cos(math.pi - margin)
+    else:  # Python floats: no device tensors made (and copied to the GPU) every step
+        cos_m, sin_m, threshold = math.cos(margin), math.sin(margin), math.cos(math.pi - margin)
+    cos_y_plus_m = cos_y * cos_m - sin_y * sin_m
+    return torch.where(cos_y > threshold, cos_y_plus_m, cos_y - margin * sin_m)
 
 
 def clamp_cosine(cos: torch.Tensor) -> torch.Tensor:
@@ -55,27 +55,60 @@ def clamp_cosine(cos: torch.Tensor) -> torch.Tensor:
     return cos.clamp(-1 + COS_EPS, 1 - COS_EPS)
 
 
-class CosineMarginHead(nn.Module):
-    """Class-center matrix ``weight`` (num_classes, embedding_size) and the cosine core."""
+def put_target(logits: torch.Tensor, index: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``logits`` with column ``index`` of each row replaced by ``target``; rows whose target
+    center this store does not hold (``index == -1``, Partial-FC) keep their logits."""
+    held = index >= 0
+    column = index.clamp_min(0)
+    return logits.scatter(1, column, torch.where(held, target, logits.gather(1, column)))
 
-    def __init__(self, embedding_size: int, num_classes: int, scale: float = 64.0):
+
+@dataclass
+class CenterCosines:
+    """What a class-center store gives a margin, for the ``rows`` of the batch it scores.
+
+    ``cos`` (rows, centers held) float32 cosines ``<x/|x|, W_j/|W_j|>`` (for the softmax
+    family, whose ``normalized_centers`` is false, the plain products ``W_j·f(x) + b_j``);
+    ``cos_y`` (rows, 1) the clamped target cosine of every row, also where another rank holds
+    the target center; ``index`` (rows, 1) the target's column in ``cos`` or -1 where it is not
+    held here; ``norms`` (rows, 1) embedding norms; ``center_norms`` (centers held,) ``|W_j|``;
+    ``local_norms`` the norms of this rank's own embeddings (for terms averaged per rank).
+    """
+
+    cos: torch.Tensor
+    cos_y: torch.Tensor
+    index: torch.Tensor
+    norms: torch.Tensor
+    center_norms: torch.Tensor
+    local_norms: torch.Tensor
+
+
+class Margin(nn.Module):
+    """A cosine margin: ``scale * T(cos_y)`` for the target, ``scale * N(cos_j)`` elsewhere.
+
+    Class attributes tell a store what the margin needs: ``stores`` (the class-center stores
+    it runs on), ``normalized_centers`` (cosines, not plain products), ``class_bias`` (a
+    per-class bias in the store) and ``centers_per_class`` (Sub-center ArcFace's K).
+    """
+
+    stores: tuple[str, ...] = ("full", "partial_fc")
+    normalized_centers = True
+    class_bias = False
+    centers_per_class = 1
+
+    def __init__(self, scale: float = 64.0):
         super().__init__()
-        self.embedding_size = embedding_size
-        self.num_classes = num_classes
         self.scale = scale
-        self.weight = nn.Parameter(torch.empty(num_classes, embedding_size))
-        nn.init.normal_(self.weight, std=0.01)
         self._extra_loss: torch.Tensor | None = None
 
-    def cosine(self, x: torch.Tensor) -> torch.Tensor:
-        """Cosine (N, C) of float32 embeddings to every class center."""
-        return cosine_to_centers(x, self.weight)
+    def bind(self, num_classes: int) -> None:
+        """Called once by the store with the number of classes (for checks that need it)."""
 
-    def unmargined_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """What the head would output with no margin; its argmax is the predicted class."""
-        return self.cosine(x)
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """What the store multiplies with the class centers: the unit embedding here."""
+        return F.normalize(x, dim=1)
 
-    def logit_scale(self, norms: torch.Tensor):
+    def logit_scale(self, norms: torch.Tensor, center_norms: torch.Tensor):
         """Multiplier of the modulated cosines: a constant s here, |x| or |x||W_j| elsewhere."""
         return self.scale
 
@@ -87,53 +120,29 @@ class CosineMarginHead(nn.Module):
         """N(cos_j) (N, C) before scaling, given the modulated target (N, 1)."""
         return cos
 
-    def update_state(self, cos_y: torch.Tensor, norms: torch.Tensor) -> None:
-        """Advance the head's state from a training batch (detached inputs); none here."""
+    def update_state(self, cos_y: torch.Tensor, norms: torch.Tensor, reduce: Reduce) -> None:
+        """Advance the margin's state from a training batch (detached inputs; ``reduce`` sums a
+        tensor over the global batch's ranks, so statistics are global under DDP); none here."""
 
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Logits (N, C) on which cross-entropy is the loss; always float32, even under AMP."""
-        with torch.autocast(device_type=embeddings.device.type, enabled=False):
-            x = embeddings.float()
-            norms = x.norm(dim=1, keepdim=True)
-            cos = self.cosine(x)
-            index = labels.view(-1, 1)
-            cos_y = clamp_cosine(cos.gather(1, index))
-            if self.training:
-                self.update_state(cos_y.detach(), norms.detach())
-            target = self.target_logit(cos_y, norms)
-            logits = self.non_target_logit(cos, target).scatter(1, index, target)
-            return logits * self.logit_scale(norms)
+    def set_step(self, step: int) -> None:
+        """Told the number of optimizer steps taken before each training batch; unused here."""
+
+    def logits(self, c: CenterCosines) -> torch.Tensor:
+        """Logits (rows, centers held) on which cross-entropy is the loss, in float32."""
+        target = self.target_logit(c.cos_y, c.norms)
+        logits = put_target(self.non_target_logit(c.cos, target), c.index, target)
+        return logits * self.logit_scale(c.norms, c.center_norms)
+
+    def unmargined(self, c: CenterCosines) -> torch.Tensor:
+        """Scores without margin whose argmax is the predicted class (per row)."""
+        return c.cos
 
     def extra_loss(self) -> torch.Tensor | None:
-        """The extra loss term of the last training forward, if the head has one (once)."""
+        """The extra loss term of the last training forward, if the margin has one (once)."""
         extra, self._extra_loss = self._extra_loss, None
         return extra
 
-    def state_metrics(self) -> dict[str, float]:
-        """Scalar head state worth watching (lambda, t, learnt scale, norm statistics)."""
+    def state_metrics(self) -> dict[str, torch.Tensor]:
+        """Scalar state worth watching (lambda, t, learnt scale, norm statistics), as detached
+        tensors: logging them costs no device-to-host copy in the training step."""
         return {}
-
-    @torch.no_grad()
-    def statistics(self, embeddings: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        """What a person watches to see a margin loss work (heads.md, "What to log").
-
-        Returns per-sample ``theta_y`` and ``theta_max_negative`` in degrees (histograms) and the
-        batch scalars ``accuracy`` (un-margined top-1), ``cos_max_negative`` and
-        ``hard_negative_fraction`` (share of samples whose best non-target cosine beats the
-        margin-modulated target cosine).
-        """
-        with torch.autocast(device_type=embeddings.device.type, enabled=False):
-            x = embeddings.float()
-            cos = clamp_cosine(self.cosine(x))
-            index = labels.view(-1, 1)
-            cos_y = cos.gather(1, index)
-            cos_negative = cos.scatter(1, index, -math.inf).amax(dim=1)
-            target = self.target_logit(cos_y, x.norm(dim=1, keepdim=True)).squeeze(1)
-            accuracy = (self.unmargined_logits(x).argmax(dim=1) == labels).float().mean()
-        return {
-            "accuracy": accuracy,
-            "theta_y": torch.rad2deg(torch.acos(cos_y.squeeze(1))),
-            "theta_max_negative": torch.rad2deg(torch.acos(cos_negative)),
-            "cos_max_negative": cos_negative.mean(),
-            "hard_negative_fraction": (cos_negative > target).float().mean(),
-        }

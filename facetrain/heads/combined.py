@@ -6,10 +6,10 @@ import math
 
 import torch
 
-from facetrain.heads.base import CosineMarginHead
+from facetrain.heads.base import Margin
 
 
-class CombinedMargin(CosineMarginHead):
+class CombinedMargin(Margin):
     """Combined multiplicative, additive angular and additive cosine margin; e.g. (1, 0.3, 0.2).
 
     Past ``theta_lim = (pi − m2) / m1`` the cosine would rise again; there the target continues
@@ -17,16 +17,8 @@ class CombinedMargin(CosineMarginHead):
     decreasing, so the target logit is monotonic on [0, pi].
     """
 
-    def __init__(
-        self,
-        embedding_size: int,
-        num_classes: int,
-        scale: float = 64.0,
-        m1: float = 1.0,
-        m2: float = 0.3,
-        m3: float = 0.2,
-    ):
-        super().__init__(embedding_size, num_classes, scale)
+    def __init__(self, scale: float = 64.0, m1: float = 1.0, m2: float = 0.3, m3: float = 0.2):
+        super().__init__(scale)
         self.m1, self.m2, self.m3 = m1, m2, m3
         self.theta_limit = min(math.pi, (math.pi - m2) / m1)
         self.fallback_shift = math.cos(self.theta_limit) - math.cos(m1 * self.theta_limit + m2) + m3

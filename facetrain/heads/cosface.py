@@ -3,16 +3,14 @@
 
 import torch
 
-from facetrain.heads.base import CosineMarginHead
+from facetrain.heads.base import Margin
 
 
-class CosFace(CosineMarginHead):
+class CosFace(Margin):
     """Large-margin cosine loss; CosFace paper: s=64, m=0.35 (AM-Softmax: s=30, m=0.35)."""
 
-    def __init__(
-        self, embedding_size: int, num_classes: int, scale: float = 64.0, margin: float = 0.35
-    ):
-        super().__init__(embedding_size, num_classes, scale)
+    def __init__(self, scale: float = 64.0, margin: float = 0.35):
+        super().__init__(scale)
         self.margin = margin
 
     def target_logit(self, cos_y: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:

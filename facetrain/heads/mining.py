@@ -1,31 +1,24 @@
-"""Margin heads that also re-weight hard negatives: MV-Softmax and CurricularFace.
+"""Margins that also re-weight hard negatives: MV-Softmax and CurricularFace.
 
 A non-target class is *hard* for a sample when ``cos_j > T(cos_y)``: it beats the
-margin-modulated target. Both heads change only the hard non-target logits.
+margin-modulated target. Both margins change only the hard non-target logits.
 """
 
 import torch
-import torch.distributed as dist
 
 from facetrain.heads.arcface import ArcFace
-from facetrain.heads.base import CosineMarginHead, additive_angular_margin
+from facetrain.heads.base import Margin, Reduce, additive_angular_margin
 
 
-class MVSoftmax(CosineMarginHead):
+class MVSoftmax(Margin):
     """MV-Softmax (Wang et al., AAAI 2020): hard negatives become ``t·cos_j + t − 1`` with a
     fixed t > 1 (paper: 1.2; large t such as 1.4 can diverge). ``target="am"``: T = cos − m
     (MV-AM, m=0.35); ``target="arc"``: T = cos(theta + m) (MV-Arc, m=0.5). Paper: s=32."""
 
     def __init__(
-        self,
-        embedding_size: int,
-        num_classes: int,
-        scale: float = 32.0,
-        margin: float = 0.35,
-        t: float = 1.2,
-        target: str = "am",
+        self, scale: float = 32.0, margin: float = 0.35, t: float = 1.2, target: str = "am"
     ):
-        super().__init__(embedding_size, num_classes, scale)
+        super().__init__(scale)
         if target not in ("am", "arc"):
             raise ValueError(f"MV-Softmax target must be 'am' or 'arc', got {target!r}")
         self.margin, self.t, self.target = margin, t, target
@@ -46,26 +39,18 @@ class CurricularFace(ArcFace):
     batch under DDP). Early on t ≈ 0 down-weights hard samples; as t grows they are emphasised.
     Paper: s=64, m=0.5."""
 
-    def __init__(
-        self,
-        embedding_size: int,
-        num_classes: int,
-        scale: float = 64.0,
-        margin: float = 0.5,
-        momentum: float = 0.99,
-    ):
-        super().__init__(embedding_size, num_classes, scale, margin)
+    def __init__(self, scale: float = 64.0, margin: float = 0.5, momentum: float = 0.99):
+        super().__init__(scale, margin)
         self.momentum = momentum
         self.register_buffer("t", torch.zeros(()))
 
-    def update_state(self, cos_y: torch.Tensor, norms: torch.Tensor) -> None:
-        total = torch.stack([cos_y.sum(), torch.tensor(float(cos_y.numel()), device=cos_y.device)])
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(total)
+    def update_state(self, cos_y: torch.Tensor, norms: torch.Tensor, reduce: Reduce) -> None:
+        count = torch.ones_like(cos_y).sum()  # a device tensor: no host-made constant per step
+        total = reduce(torch.stack([cos_y.sum(), count]))
         self.t.mul_(self.momentum).add_((1.0 - self.momentum) * total[0] / total[1])
 
     def non_target_logit(self, cos: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return torch.where(cos > target, cos * (self.t + cos), cos)
 
-    def state_metrics(self) -> dict[str, float]:
-        return {"t": float(self.t)}
+    def state_metrics(self) -> dict[str, torch.Tensor]:
+        return {"t": self.t.detach()}

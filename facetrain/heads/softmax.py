@@ -1,23 +1,26 @@
 """Plain softmax classifier: ``logit_j = W_j · x + b_j`` (no normalisation, no margin)."""
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from facetrain.heads.base import CosineMarginHead
+from facetrain.heads.base import CenterCosines, Margin
 
 
-class Softmax(CosineMarginHead):
-    """Linear layer + softmax cross-entropy, the baseline every margin paper compares against."""
+class Softmax(Margin):
+    """Linear layer + softmax cross-entropy, the baseline every margin paper compares against.
 
-    def __init__(self, embedding_size: int, num_classes: int, bias: bool = True):
-        super().__init__(embedding_size, num_classes, scale=1.0)
-        self.bias = nn.Parameter(torch.zeros(num_classes)) if bias else None
+    The store computes the products ``W_j·x (+ b_j)`` itself (``normalized_centers`` false);
+    this margin passes them through. A plain product needs the whole class matrix and its bias,
+    so it runs on the full class-center store only."""
 
-    def unmargined_logits(self, x: torch.Tensor) -> torch.Tensor:
-        bias = None if self.bias is None else self.bias.float()
-        return F.linear(x, self.weight.float(), bias)
+    stores = ("full",)
+    normalized_centers = False
 
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device_type=embeddings.device.type, enabled=False):
-            return self.unmargined_logits(embeddings.float())
+    def __init__(self, bias: bool = True):
+        super().__init__(scale=1.0)
+        self.class_bias = bias
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def logits(self, c: CenterCosines) -> torch.Tensor:
+        return c.cos
