@@ -1,23 +1,24 @@
-"""``python train.py [overrides]``: build data, backbone, head and trainer from the Hydra config,
-train, and report verification accuracy (also written to ``metrics.json`` in the run folder)."""
+"""One training run from a composed ``train`` config: build data, backbone, head and trainer,
+train, and report verification accuracy (also written to ``metrics.json`` in the run folder).
+The command line (``python train.py [overrides]``) is ``facetrain.cli.train``."""
 
 import json
 import logging
 from pathlib import Path
 
-import hydra
 import pytorch_lightning as pl
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import nn
 
 from facetrain.checkpoint import AtomicCheckpointIO, describe_model
-from facetrain.cli import CONFIG_DIR, silence_library_noise, user_errors
+from facetrain.data import LoadFailureReport
 from facetrain.evaluation import evaluate_pairs
 from facetrain.module import FaceRecognitionModule
 
 log = logging.getLogger(__name__)
+
 
 def measure_baselines(
     model: FaceRecognitionModule, datamodule, trainer: pl.Trainer
@@ -53,17 +54,6 @@ def train(cfg: DictConfig) -> dict:
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("fit")
-    head = instantiate(
-        cfg.loss, embedding_size=backbone.embedding_size, num_classes=datamodule.num_classes
-    )
-    model = FaceRecognitionModule(
-        backbone,
-        head,
-        optimizer=instantiate(cfg.optimizer),
-        scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
-        description=describe_model(cfg, backbone.embedding_size, datamodule.num_classes),
-        **cfg.model,
-    )
     if not datamodule.verification_sets:
         log.warning("no verification sets configured (data.verification): keeping only last.ckpt")
         cfg.callbacks.checkpoint.monitor = None
@@ -71,8 +61,24 @@ def train(cfg: DictConfig) -> dict:
     callbacks = [  # the learning-rate monitor writes to a logger and refuses to run without one
         instantiate(c) for name, c in cfg.callbacks.items() if loggers or name != "learning_rate"
     ]
+    callbacks.append(LoadFailureReport())  # images that failed to decode, once per epoch
     trainer = instantiate(
         cfg.trainer, logger=loggers, callbacks=callbacks, plugins=[AtomicCheckpointIO()]
+    )
+    head = instantiate(cfg.loss)  # the margin; the class centers live in the classifier
+    classifier = instantiate(  # rank and world size from the trainer: stores may shard
+        cfg.classifier, embedding_size=backbone.embedding_size,
+        num_classes=datamodule.num_classes, margin=head, rank=trainer.global_rank,
+        world_size=trainer.world_size,
+    )
+    model = FaceRecognitionModule(
+        backbone,
+        head,
+        classifier,
+        optimizer=instantiate(cfg.optimizer),
+        scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
+        description=describe_model(cfg, backbone.embedding_size, datamodule.num_classes),
+        **cfg.model,
     )
 
     metrics: dict = {}
@@ -94,20 +100,9 @@ def train(cfg: DictConfig) -> dict:
         steps=trainer.global_step,
         num_classes=datamodule.num_classes,
         num_train_images=len(datamodule.train_set),
+        load_failures=datamodule.load_failures(),  # counted in every DataLoader worker
     )
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     log.info("final verification accuracy (10-fold):\n%s", report(metrics))
     log.info("run folder: %s", output_dir)
     return metrics
-
-
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
-def main(cfg: DictConfig) -> None:
-    silence_library_noise()
-    log.debug("config:\n%s", OmegaConf.to_yaml(cfg))
-    with user_errors("facetrain"):
-        train(cfg)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,26 @@
+"""``python train.py [overrides]`` = ``facetrain-train`` = ``python -m facetrain.cli.train``:
+one training run from the ``train`` config (see ``facetrain.train.train``)."""
+
+import logging
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from facetrain.classifiers import ClassifierError
+from facetrain.cli import silence_library_noise, user_errors
+from facetrain.resources import config_dir
+from facetrain.train import train
+
+log = logging.getLogger(__name__)
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
+def main(cfg: DictConfig) -> None:
+    silence_library_noise()
+    log.debug("config:\n%s", OmegaConf.to_yaml(cfg))
+    with user_errors("facetrain", config=ClassifierError):
+        train(cfg)
+
+
+if __name__ == "__main__":
+    main()
