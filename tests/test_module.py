@@ -61,3 +61,55 @@ def test_validation_embeddings_are_placed_by_image_index():
     module.trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False)
     placed = module._gather_embeddings(0, num_images=6)
     torch.testing.assert_close(placed, images.flatten(1))
+
+
+SYNCS = ("item", "__bool__", "__float__", "__int__", "cpu", "tolist", "numpy")
+
+
+class SyncCounter:
+    """Counts the tensor calls that make the host wait for the device (on a GPU) while on."""
+
+    def __init__(self, monkeypatch):
+        self.calls: list[str] = []
+        self.on = False
+        for name in SYNCS:
+            original = getattr(torch.Tensor, name)
+
+            def counted(tensor, *args, _name=name, _original=original, **kwargs):
+                if self.on:
+                    self.calls.append(_name)
+                return _original(tensor, *args, **kwargs)
+
+            monkeypatch.setattr(torch.Tensor, name, counted)
+
+
+@pytest.mark.parametrize("margin", ["ArcFace", "CurricularFace", "AdaFace", "SphereFace"])
+def test_training_step_without_logging_never_waits_for_the_device(margin, monkeypatch):
+    """On steps that do not log, nothing in the training step reads a tensor back to the host
+    (on a GPU each read is a device-to-host wait): the non-finite check, the head's state
+    metrics and its statistics stay on the device."""
+    from facetrain import heads
+
+    counter = SyncCounter(monkeypatch)
+    head = getattr(heads, margin)()
+
+    class Counted(FaceRecognitionModule):
+        def training_step(self, batch, batch_idx):
+            counter.on = not self._is_logging_step()
+            try:
+                return super().training_step(batch, batch_idx)
+            finally:
+                counter.on = False
+
+    backbone = nn.Sequential(nn.Flatten(), nn.Linear(48, 8))
+    backbone.embedding_size = 8
+    module = Counted(backbone, head, FullClassCenters(8, 5, head),
+                     optimizer=lambda g: torch.optim.SGD(g, lr=0.1))
+    data = torch.utils.data.TensorDataset(torch.randn(24, 3, 4, 4), torch.arange(24) % 5)
+    trainer = pl.Trainer(
+        accelerator="cpu", max_steps=6, log_every_n_steps=3, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )
+    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=4))
+    assert trainer.global_step == 6
+    assert counter.calls == [], f"host syncs in a non-logging training step: {counter.calls}"
