@@ -1,4 +1,4 @@
-"""The margin-head family of heads.md against independent float64 computations of each paper's
+"""The margin-head family of docs/heads.md against independent float64 computations of each paper's
 formula (explicit acos and loops, never the head's own code path), on seeded random inputs and on
 constructed edge inputs. ArcFace and Softmax themselves are covered in test_heads.py."""
 
@@ -171,7 +171,7 @@ def class_cosines(head, x, w) -> np.ndarray:
 
 
 def target_ref(head, cos_y, norms) -> np.ndarray:
-    """T(cos_y) of heads.md (before scaling) in float64, from the head's hyper-parameters."""
+    """T(cos_y) of docs/heads.md (before scaling) in float64, from the head's hyper-parameters."""
     name = type(head.rule).__name__
     theta = np.arccos(np.clip(cos_y, -1.0, 1.0))
     if name in ("Softmax", "L2Softmax", "NormFace"):

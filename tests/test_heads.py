@@ -1,4 +1,4 @@
-"""Margin heads against independent float64 computations of the formulas in heads.md."""
+"""Margin heads against independent float64 computations of the formulas in docs/heads.md."""
 
 import math
 from pathlib import Path
