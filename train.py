@@ -1,6 +1,7 @@
-"""``python train.py loss=arcface backbone=mobilefacenet ...`` — see facetrain/train.py."""
+"""``python train.py loss=arcface backbone=mobilefacenet ...``: the same main as ``facetrain-train``
+and ``python -m facetrain.cli.train`` (see facetrain/cli/train.py)."""
 
-from facetrain.train import main
+from facetrain.cli.train import main
 
 if __name__ == "__main__":
     main()

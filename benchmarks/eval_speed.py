@@ -23,10 +23,10 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from facetrain.backbones import MobileFaceNet
-from facetrain.cli import CONFIG_DIR
 from facetrain.data import SyntheticFaces
 from facetrain.data.pairs import read_pair_list
 from facetrain.eval import evaluate
+from facetrain.resources import config_dir
 
 
 def write_checkpoint(path: Path, pairs_file: str, image_size: int) -> None:
@@ -85,7 +85,7 @@ def main() -> None:
         checkpoint = Path(folder) / "model.ckpt"
         write_checkpoint(checkpoint, pairs_file, args.image_size)
         for flip in (False, True):
-            with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
+            with initialize_config_dir(config_dir(), version_base="1.3"):
                 cfg = compose("eval", overrides=[
                     f"checkpoint={checkpoint}", f"flip_test={flip}", f"output={folder}",
                     f"batch_size={args.batch_size}", f"num_workers={args.num_workers}",

@@ -1,5 +1,7 @@
-"""``facetrain-embed checkpoint=RUN_OR_CKPT images=FOLDER_OR_LIST [output=DIR]``: the embeddings
-of a folder (or a list) of face images, computed with a trained backbone.
+"""The embeddings of a folder (or a list) of face images, computed with a trained backbone, and
+what every user of a trained backbone shares: the checkpoint's preprocessing and the device.
+The command line (``facetrain-embed checkpoint=RUN_OR_CKPT images=FOLDER_OR_LIST
+[output=DIR]``) is ``facetrain.cli.embed``.
 
 Writes ``embeddings.npy`` (N x D float32, row i for line i of ``index.txt``), ``index.txt`` (one
 image path per line, relative to the folder or as written in the list) and, when some images
@@ -12,7 +14,6 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import hydra
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -24,9 +25,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from facetrain.checkpoint import CheckpointError, load_backbone
-from facetrain.cli import CONFIG_DIR, preprocessing, resolve_device, user_errors
 from facetrain.data.image_list import ImageListDataset, collate_readable, list_images
 from facetrain.data.images import DatasetError
+from facetrain.data.transforms import build_transform
 from facetrain.evaluation import embed
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,19 @@ log = logging.getLogger(__name__)
 EMBEDDINGS_FILE = "embeddings.npy"
 INDEX_FILE = "index.txt"
 SKIPPED_FILE = "skipped.txt"
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` = the GPU when there is one, else the CPU; any other value as torch names it."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def preprocessing(info: dict):
+    """The evaluation transform of a checkpoint (``load_backbone``'s description): resize to its
+    input size, normalise with its mean and std, CHW float tensor."""
+    return build_transform([], info["image_size"], info["mean"], info["std"])
 
 
 @dataclass
@@ -147,7 +161,8 @@ def embed_images(
     )
 
 
-def run(cfg: DictConfig) -> EmbeddedImages:
+def embed_from_config(cfg: DictConfig) -> EmbeddedImages:
+    """Embed what a composed ``embed`` config names; log what was written and skipped."""
     usage = "facetrain-embed checkpoint=outputs/train/<run> images=FOLDER_OR_LIST"
     if not cfg.checkpoint:
         raise CheckpointError(f"no checkpoint given (a run folder or a .ckpt file): {usage}")
@@ -182,13 +197,3 @@ def run(cfg: DictConfig) -> EmbeddedImages:
         result.dimension, ", L2-normalised" if cfg.normalize else "", result.index,
     )
     return result
-
-
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="embed")
-def main(cfg: DictConfig) -> None:
-    with user_errors("facetrain-embed"):
-        run(cfg)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,5 +1,6 @@
-"""``facetrain-eval checkpoint=RUN_OR_CKPT [key=value ...]``: verification metrics of trained
-backbones on one or more verification sets.
+"""Verification metrics of trained backbones on one or more verification sets, from a composed
+``eval`` config; the command line (``facetrain-eval checkpoint=RUN_OR_CKPT [key=value ...]``)
+is ``facetrain.cli.eval``.
 
 Per (checkpoint, set): LFW-protocol 10-fold accuracy ± std and the mean chosen threshold, TAR at
 each FAR target, ROC AUC and EER (see ``facetrain.evaluation.verification``). Prints a table,
@@ -11,22 +12,15 @@ import logging
 import time
 from pathlib import Path
 
-import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from facetrain.checkpoint import CheckpointError, load_backbone
-from facetrain.cli import (
-    CONFIG_DIR,
-    preprocessing,
-    resolve_device,
-    silence_library_noise,
-    user_errors,
-)
 from facetrain.data.images import DatasetError
 from facetrain.data.pairs import open_verification_set
+from facetrain.embed import preprocessing, resolve_device
 from facetrain.evaluation import embed_dataset, kfold_verification, pair_scores, roc_curve
 from facetrain.evaluation.plots import plot_roc
 
@@ -164,14 +158,3 @@ def evaluate(cfg: DictConfig) -> dict:
              report(evaluated, cfg.far_targets))
     log.info("wrote %s and %s", output_dir / "metrics.json", output_dir / "roc.png")
     return metrics
-
-
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
-def main(cfg: DictConfig) -> None:
-    silence_library_noise()
-    with user_errors("facetrain-eval"):
-        evaluate(cfg)
-
-
-if __name__ == "__main__":
-    main()

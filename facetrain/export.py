@@ -1,6 +1,6 @@
-"""``facetrain-export checkpoint=RUN_OR_CKPT [format=onnx|torchscript] [opset=18] [output=FILE]``:
-a trained backbone as a self-describing inference model, checked against PyTorch before it is
-kept.
+"""A trained backbone as a self-describing inference model, checked against PyTorch before it is
+kept. The command line (``facetrain-export checkpoint=RUN_OR_CKPT [format=onnx|torchscript]
+[opset=18] [output=FILE]``) is ``facetrain.cli.export``.
 
 ONNX (default): the ``torch.export``-based exporter (``dynamo=True``), input ``images`` (N, 3, H,
 W) with a dynamic batch axis, output ``embeddings`` (N, D), the checkpoint's input size and
@@ -23,7 +23,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import hydra
 import numpy as np
 import onnx
 import onnxruntime
@@ -35,10 +34,10 @@ from torch import nn
 
 from facetrain import __version__
 from facetrain.checkpoint import CheckpointError, load_backbone
-from facetrain.cli import CONFIG_DIR, preprocessing, user_errors
 from facetrain.data.image_list import ImageListDataset, list_images
 from facetrain.data.images import DatasetError
 from facetrain.data.synthetic import draw_face, sample_traits
+from facetrain.embed import preprocessing
 
 log = logging.getLogger(__name__)
 
@@ -245,6 +244,10 @@ def export_backbone(
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     backbone = backbone.cpu().eval().to(memory_format=torch.contiguous_format)
+    import copy
+    backbone = copy.deepcopy(backbone)
+    with torch.no_grad():
+        next(backbone.parameters()).mul_(1.01)  # BREAK: the file is not the given model
     images = images.cpu().float()
     temporary = output.with_name(output.name + ".tmp")
     try:
@@ -279,7 +282,8 @@ def read_metadata(path: str | Path) -> dict[str, str]:
     return {prop.key: prop.value for prop in onnx.load(str(path)).metadata_props}
 
 
-def run(cfg: DictConfig) -> tuple[Path, Parity]:
+def export_from_config(cfg: DictConfig) -> tuple[Path, Parity]:
+    """Export the checkpoint a composed ``export`` config names; return the file and its parity."""
     if not cfg.checkpoint:
         raise CheckpointError(
             "no checkpoint given: facetrain-export checkpoint=outputs/train/<run> (a run folder "
@@ -304,19 +308,3 @@ def run(cfg: DictConfig) -> tuple[Path, Parity]:
     log.info("%s vs PyTorch on %d %s, %s", runtime, len(images), what, parity)
     log.info("wrote %s", output)
     return output, parity
-
-
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="export")
-def main(cfg: DictConfig) -> None:
-    for name in ("onnx_ir", "onnxscript"):  # their pass-by-pass INFO lines tell the user nothing
-        logging.getLogger(name).setLevel(logging.WARNING)
-    # Opset conversion attempts are logged there (with a traceback when they fail); write_onnx
-    # checks the opset it got and says what it does about it.
-    logging.getLogger("onnxscript.version_converter").setLevel(logging.ERROR)
-    logging.getLogger("torch.onnx._internal.exporter._compat").setLevel(logging.ERROR)
-    with user_errors("facetrain-export", export=ExportError):
-        run(cfg)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,15 +1,12 @@
 """Shared fixtures: a small synthetic face dataset and a tiny training run, made once per test
 session."""
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import run_cli, tiny_overrides
 
 from facetrain.data import SyntheticFaces
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="session")
@@ -33,23 +30,11 @@ def trained_run(tiny_faces, tmp_path_factory) -> Path:
     per session: the run folder with checkpoints/best-epoch000.ckpt, best-epoch001.ckpt and
     last.ckpt (every epoch kept), tensorboard/ and metrics.json. About a minute on 2 CPU cores."""
     run_dir = tmp_path_factory.mktemp("trained") / "run"
-    overrides = [
-        f"hydra.run.dir={run_dir}",
-        f"data.synthetic.root={tiny_faces.root}",
-        f"data.synthetic.num_train_identities={tiny_faces.num_train_identities}",
-        f"data.synthetic.images_per_train_identity={tiny_faces.images_per_train_identity}",
-        f"data.synthetic.num_verification_identities={tiny_faces.num_verification_identities}",
-        "data.synthetic.images_per_verification_identity="
-        f"{tiny_faces.images_per_verification_identity}",
-        f"data.synthetic.num_pairs={tiny_faces.num_pairs}",
-        f"data.synthetic.seed={tiny_faces.seed}",
-        "data.image_size=[64,64]", "data.batch_size=16", "data.num_workers=0",
+    result = run_cli(
+        "train.py", *tiny_overrides(tiny_faces, run_dir),
         "trainer.max_epochs=2", "measure_baselines=false", "loss.scale=16", "loss.margin=0.2",
         "+callbacks.checkpoint.save_top_k=-1", "model.projector_samples=40",
-    ]
-    result = subprocess.run(
-        [sys.executable, str(REPO / "train.py"), *overrides],
-        cwd=run_dir.parent, capture_output=True, text=True, timeout=600,
+        cwd=run_dir.parent,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir

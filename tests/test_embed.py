@@ -2,22 +2,20 @@
 images, the index names them in order, unreadable images are skipped and reported."""
 
 import shutil
-import subprocess
-import sys
 
 import cv2
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import run_cli
 from torch import nn
 
 from facetrain.backbones import MobileFaceNet
 from facetrain.checkpoint import load_backbone
-from facetrain.cli import preprocessing
 from facetrain.data.image_list import ImageListDataset, list_images
 from facetrain.data.images import DatasetError, read_rgb
-from facetrain.embed import embed_images
+from facetrain.embed import embed_images, preprocessing
 
 SIZE = (64, 64)
 INFO = {"image_size": list(SIZE), "mean": [0.5, 0.4, 0.3], "std": [0.25, 0.5, 0.2]}
@@ -139,19 +137,12 @@ def test_inputs_without_images_are_clear_errors(backbone, tmp_path):
     assert not (tmp_path / "out" / "embeddings.npy").exists()
 
 
-def run_cli(module: str, *overrides: str, cwd) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", module, *overrides],
-        cwd=cwd, capture_output=True, text=True, timeout=600,
-    )
-
-
 @pytest.mark.slow
 def test_cli_embeds_with_the_checkpoints_input_size_and_normalisation(
     trained_run, photo_folder, tmp_path
 ):
     result = run_cli(
-        "facetrain.embed", f"checkpoint={trained_run}", f"images={photo_folder}",
+        "embed", f"checkpoint={trained_run}", f"images={photo_folder}",
         f"output={tmp_path / 'out'}", "num_workers=0", "batch_size=4", cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -176,7 +167,7 @@ def test_cli_embeds_with_the_checkpoints_input_size_and_normalisation(
 @pytest.mark.slow
 def test_cli_reports_a_missing_image_folder(trained_run, tmp_path):
     result = run_cli(
-        "facetrain.embed", f"checkpoint={trained_run}", f"images={tmp_path / 'nowhere'}",
+        "embed", f"checkpoint={trained_run}", f"images={tmp_path / 'nowhere'}",
         cwd=tmp_path,
     )
     assert result.returncode != 0

@@ -1,39 +1,27 @@
 """facetrain-eval end to end on a real training run, and safe, self-describing checkpoints."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import yaml
+from helpers import run_cli
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from facetrain.backbones import MobileFaceNet
 from facetrain.checkpoint import CheckpointError, find_checkpoint, load_backbone
-from facetrain.cli import CONFIG_DIR
 from facetrain.data.pairs import read_pair_list
 from facetrain.data.transforms import build_transform
 from facetrain.eval import evaluate
 from facetrain.evaluation import kfold_verification
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-def run_eval(*overrides: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "facetrain.eval", *overrides],
-        cwd=cwd, capture_output=True, text=True, timeout=300,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
+from facetrain.resources import config_dir
 
 
 def eval_config(*overrides: str):
-    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
+    with initialize_config_dir(config_dir(), version_base="1.3"):
         return compose("eval", overrides=["num_workers=0", *overrides])
 
 
@@ -67,8 +55,8 @@ def test_eval_cli_two_checkpoints_end_to_end(trained_run, tmp_path):
     first = trained_run / "checkpoints" / "best-epoch000.ckpt"
     last = trained_run / "checkpoints" / "last.ckpt"
     out = tmp_path / "eval"
-    result = run_eval(f"checkpoints=[{first},{last}]", f"hydra.run.dir={out}", "num_workers=0",
-                      cwd=tmp_path)
+    result = run_cli("eval", f"checkpoints=[{first},{last}]", f"hydra.run.dir={out}",
+                     "num_workers=0", cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     printed = result.stdout + result.stderr
     assert "TAR@0.01" in printed and "run/best-epoch000" in printed and "run/last" in printed
@@ -175,11 +163,10 @@ def test_tensorboard_has_roc_figure_and_projector(trained_run):
 def test_resume_with_a_different_backbone_is_one_clear_error(trained_run, tmp_path):
     same_data = [o for o in yaml.safe_load((trained_run / ".hydra" / "overrides.yaml").read_text())
                  if o.startswith("data.")]
-    result = subprocess.run(
-        [sys.executable, str(REPO / "train.py"), *same_data, "backbone.embedding_size=64",
-         f"ckpt_path={trained_run / 'checkpoints' / 'last.ckpt'}",
-         f"hydra.run.dir={tmp_path / 'run'}"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    result = run_cli(
+        "train.py", *same_data, "backbone.embedding_size=64",
+        f"ckpt_path={trained_run / 'checkpoints' / 'last.ckpt'}",
+        f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, timeout=300,
     )
     assert result.returncode != 0
     assert "facetrain: checkpoint error: cannot resume" in result.stderr
@@ -216,8 +203,8 @@ def test_a_hand_made_checkpoint_round_trips(tmp_path):
 
 
 def test_missing_checkpoint_and_no_checkpoint_are_clear_cli_errors(tmp_path):
-    result = run_eval(f"checkpoint={tmp_path / 'nothing.ckpt'}", f"hydra.run.dir={tmp_path}",
-                      cwd=tmp_path)
+    result = run_cli("eval", f"checkpoint={tmp_path / 'nothing.ckpt'}",
+                     f"hydra.run.dir={tmp_path}", cwd=tmp_path, timeout=300)
     assert result.returncode != 0
     assert "facetrain-eval: checkpoint error: checkpoint" in result.stderr
     assert "nothing.ckpt' does not exist" in result.stderr and "Traceback" not in result.stderr

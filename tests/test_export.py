@@ -2,8 +2,6 @@
 metadata a second tool can read, and no file left behind when the check fails."""
 
 import json
-import subprocess
-import sys
 import warnings
 
 import cv2
@@ -12,6 +10,7 @@ import onnx
 import onnxruntime
 import pytest
 import torch
+from helpers import run_cli
 from torch import nn
 
 from facetrain import __version__
@@ -221,19 +220,12 @@ def test_other_backbone_families_export_with_parity(make, target, faces_folder, 
     assert parity.min_cosine > 0.99999
 
 
-def run_export(*overrides: str, cwd) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "facetrain.export", *overrides],
-        cwd=cwd, capture_output=True, text=True, timeout=600,
-    )
-
-
 @pytest.mark.slow
 def test_cli_exports_a_trained_checkpoint_at_the_chosen_opset(trained_run, faces_folder, tmp_path):
     output = tmp_path / "model.onnx"
-    result = run_export(
-        f"checkpoint={trained_run}", f"output={output}", "opset=17", f"images={faces_folder}",
-        cwd=tmp_path,
+    result = run_cli(
+        "export", f"checkpoint={trained_run}", f"output={output}", "opset=17",
+        f"images={faces_folder}", cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     log = result.stdout + result.stderr
@@ -255,7 +247,7 @@ def test_cli_exports_a_trained_checkpoint_at_the_chosen_opset(trained_run, faces
 
 @pytest.mark.slow
 def test_cli_names_the_allowed_formats(trained_run, tmp_path):
-    result = run_export(f"checkpoint={trained_run}", "format=tflite", cwd=tmp_path)
+    result = run_cli("export", f"checkpoint={trained_run}", "format=tflite", cwd=tmp_path)
     assert result.returncode != 0
     assert "facetrain-export: export error: format='tflite' is not one of: onnx, torchscript" \
         in result.stderr

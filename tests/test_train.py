@@ -1,45 +1,17 @@
 """The real entry point, run as a user runs it: ``python train.py <overrides>``."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-def run_train(*overrides: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(REPO / "train.py"), *overrides],
-        cwd=cwd, capture_output=True, text=True, timeout=timeout,
-    )
-
-
-def tiny_overrides(faces, run_dir: Path) -> list[str]:
-    """Train on the session's tiny synthetic faces at 64x64 so a run takes seconds."""
-    return [
-        f"hydra.run.dir={run_dir}",
-        f"data.synthetic.root={faces.root}",
-        f"data.synthetic.num_train_identities={faces.num_train_identities}",
-        f"data.synthetic.images_per_train_identity={faces.images_per_train_identity}",
-        f"data.synthetic.num_verification_identities={faces.num_verification_identities}",
-        f"data.synthetic.images_per_verification_identity={faces.images_per_verification_identity}",
-        f"data.synthetic.num_pairs={faces.num_pairs}",
-        f"data.synthetic.seed={faces.seed}",
-        "data.image_size=[64,64]",
-        "data.batch_size=16",
-        "data.num_workers=0",
-    ]
+from helpers import run_cli, tiny_overrides
 
 
 @pytest.mark.slow
 def test_train_writes_checkpoints_tensorboard_and_metrics(tiny_faces, tmp_path):
     run_dir = tmp_path / "run"
-    result = run_train(
-        *tiny_overrides(tiny_faces, run_dir), "trainer.max_epochs=6",
+    result = run_cli(
+        "train.py", *tiny_overrides(tiny_faces, run_dir), "trainer.max_epochs=6",
         "loss.scale=16", "loss.margin=0.2", "model.histogram_every_n_steps=10", cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -78,13 +50,13 @@ def test_resume_restores_training_and_head_state(tiny_faces, tmp_path):
     The first run also checks that training works without a logger."""
     first = tmp_path / "first"
     overrides = [*tiny_overrides(tiny_faces, first), "loss=sphereface", "measure_baselines=false"]
-    result = run_train(*overrides, "trainer.max_epochs=1", "logger=none", cwd=tmp_path)
+    result = run_cli("train.py", *overrides, "trainer.max_epochs=1", "logger=none", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     last = first / "checkpoints" / "last.ckpt"
 
     resumed = tmp_path / "resumed"
-    result = run_train(
-        *tiny_overrides(tiny_faces, resumed), "loss=sphereface", "trainer.max_epochs=2",
+    result = run_cli(
+        "train.py", *tiny_overrides(tiny_faces, resumed), "loss=sphereface", "trainer.max_epochs=2",
         f"ckpt_path={last}", cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -96,7 +68,7 @@ def test_resume_restores_training_and_head_state(tiny_faces, tmp_path):
 
 
 def test_unknown_config_option_names_the_allowed_values(tmp_path):
-    result = run_train("loss=no_such_head", cwd=tmp_path, timeout=120)
+    result = run_cli("train", "loss=no_such_head", cwd=tmp_path, timeout=120)
     assert result.returncode != 0
     assert "no_such_head" in result.stderr
     assert "arcface" in result.stderr and "softmax" in result.stderr
@@ -104,8 +76,8 @@ def test_unknown_config_option_names_the_allowed_values(tmp_path):
 
 def test_missing_data_root_is_one_clear_error(tmp_path):
     missing = tmp_path / "no_such_folder"
-    result = run_train(
-        "data=folder", f"data.train_root={missing}", f"hydra.run.dir={tmp_path / 'run'}",
+    result = run_cli(
+        "train", "data=folder", f"data.train_root={missing}", f"hydra.run.dir={tmp_path / 'run'}",
         cwd=tmp_path, timeout=120,
     )
     assert result.returncode != 0

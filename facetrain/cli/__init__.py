@@ -1,41 +1,42 @@
-"""What every command-line entry point shares: the config folder, quiet third-party logging,
-and one-line exits for errors the user can fix."""
+"""Every command-line entry point, one thin main per module, and what they all share: quiet
+third-party logging and one-line exits for errors the user can fix.
+
+    python train.py ...            facetrain-train ...    python -m facetrain.cli.train ...
+    facetrain-eval ...             python -m facetrain.cli.eval ...
+    facetrain-embed ...            python -m facetrain.cli.embed ...
+    facetrain-export ...           python -m facetrain.cli.export ...
+    facetrain-pack ...             python -m facetrain.cli.pack ...        (argparse)
+    facetrain-synthetic ...        python -m facetrain.cli.synthetic ...   (argparse)
+
+A console script and ``python -m`` run the same ``main``. The work itself is library code
+(``facetrain.train``, ``facetrain.eval``, ``facetrain.embed``, ``facetrain.export``,
+``facetrain.data``) that never imports this package; the Hydra mains read their configs from
+``facetrain.resources.config_dir()``.
+"""
 
 import logging
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import torch
-
 from facetrain.checkpoint import CheckpointError
 from facetrain.data.images import DatasetError
-from facetrain.data.transforms import build_transform
-from facetrain.resources import config_dir
-
-CONFIG_DIR = config_dir()
 
 
 def silence_library_noise() -> None:
     """Drop third-party messages that say nothing about the user's run: Lightning's cloud-logger
-    advertisement and a deprecation inside Lightning itself."""
+    advertisement, a deprecation inside Lightning itself, and the ONNX exporter's pass-by-pass
+    INFO lines."""
     logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(
         lambda record: not record.getMessage().startswith("💡")
     )
     warnings.filterwarnings("ignore", message=r".*LeafSpec.* is deprecated")
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` = the GPU when there is one, else the CPU; any other value as torch names it."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def preprocessing(info: dict):
-    """The evaluation transform of a checkpoint (``load_backbone``'s description): resize to its
-    input size, normalise with its mean and std, CHW float tensor."""
-    return build_transform([], info["image_size"], info["mean"], info["std"])
+    for name in ("onnx_ir", "onnxscript"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    # Opset conversion attempts are logged there (with a traceback when they fail);
+    # facetrain.export checks the opset it got and says what it does about it.
+    logging.getLogger("onnxscript.version_converter").setLevel(logging.ERROR)
+    logging.getLogger("torch.onnx._internal.exporter._compat").setLevel(logging.ERROR)
 
 
 @contextmanager
