@@ -4,7 +4,9 @@ import json
 
 import pytest
 import torch
-from helpers import run_cli, tiny_overrides
+from helpers import hydra_main_config, run_cli, tiny_overrides
+
+from facetrain.train import train
 
 
 @pytest.mark.slow
@@ -65,6 +67,27 @@ def test_resume_restores_training_and_head_state(tiny_faces, tmp_path):
     assert metrics["steps"] == 2 * steps_per_epoch  # continued from epoch 1, not from scratch
     state = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     assert int(state["head.iteration"]) == 2 * steps_per_epoch
+
+
+@pytest.mark.slow  # a real run, if a short one (~10 s)
+def test_train_in_process_for_quick_iteration(tiny_faces, tmp_path):
+    """``train(cfg)`` called as ``facetrain-train``'s main calls it, without a subprocess: three
+    steps of one epoch, then validation, a checkpoint and metrics.json."""
+    run_dir = tmp_path / "run"
+    overrides = [*tiny_overrides(tiny_faces, run_dir), "trainer.max_epochs=1",
+                 "+trainer.limit_train_batches=3", "measure_baselines=false", "logger=none"]
+    with hydra_main_config("train", *overrides) as cfg:
+        metrics = train(cfg)
+
+    assert (metrics["epochs"], metrics["steps"]) == (1, 3)
+    assert metrics["num_classes"] == tiny_faces.num_train_identities
+    assert metrics["num_train_images"] == (
+        tiny_faces.num_train_identities * tiny_faces.images_per_train_identity
+    )
+    assert metrics["verification"]["synthetic"]["num_pairs"] == tiny_faces.num_pairs
+    assert json.loads((run_dir / "metrics.json").read_text())["steps"] == 3
+    last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 3 and last["epoch"] == 0
 
 
 def test_unknown_config_option_names_the_allowed_values(tmp_path):
