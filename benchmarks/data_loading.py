@@ -25,8 +25,9 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
 from facetrain.data import IdentityFolderDataset, SyntheticFaces
-from facetrain.data.record import RecordDataset, pack_identity_folder
+from facetrain.data.record import RecordDataset
 from facetrain.data.transforms import build_transform
+from facetrain.data.writers import pack_identity_folder
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 

@@ -16,7 +16,8 @@ from PIL import Image
 
 from facetrain.data import DatasetError, FaceDataModule, IdentityFolderDataset, scan_identity_folder
 from facetrain.data import folder as folder_module
-from facetrain.data.folder import INDEX_FILE_NAME, HeldOutPairs, scan_folder
+from facetrain.data.folder import INDEX_FILE_NAME, scan_folder
+from facetrain.data.pairs import HeldOutPairs
 from facetrain.data.transforms import build_transform
 
 RED = (200, 30, 60)

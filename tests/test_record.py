@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from facetrain.cli.pack import main
 from facetrain.data import (
     DatasetError,
     FaceDataModule,
@@ -22,15 +23,9 @@ from facetrain.data import (
     scan_identity_folder,
 )
 from facetrain.data.images import read_rgb
-from facetrain.data.record import (
-    encode_record,
-    main,
-    pack_payload,
-    read_record,
-    unpack_payload,
-    write_index,
-)
+from facetrain.data.record import read_record, unpack_payload
 from facetrain.data.transforms import build_transform
+from facetrain.data.writers import encode_record, pack_payload, write_index
 
 M = struct.pack("<I", 0xCED7230A)
 
@@ -311,7 +306,7 @@ def test_train_on_a_pack_with_bin_verification(tiny_faces, tiny_pack, tmp_path):
     import subprocess
     import sys
 
-    from facetrain.data.binset import write_bin_from_set
+    from facetrain.data.writers import write_bin_from_set
 
     pack = copy_pack(tiny_pack, tmp_path)
     write_bin_from_set(tiny_faces.pairs_file, pack / "lfw.bin")

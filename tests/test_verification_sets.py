@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from facetrain.cli.pack import main as pack_main
 from facetrain.data import (
     BinDataset,
     DatasetError,
@@ -20,10 +21,9 @@ from facetrain.data import (
     read_bin,
     write_bin,
 )
-from facetrain.data.binset import write_bin_from_set
 from facetrain.data.images import read_rgb
 from facetrain.data.pairs import detect_format
-from facetrain.data.record import main as pack_main
+from facetrain.data.writers import write_bin_from_set
 
 
 def jpeg(colour, size=(20, 24)) -> bytes:

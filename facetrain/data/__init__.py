@@ -1,6 +1,11 @@
-"""Datasets, transforms, the synthetic face generator and the datamodule."""
+"""Datasets, transforms, the synthetic face generator and the datamodule.
 
-from facetrain.data.binset import BinDataset, read_bin, write_bin
+Imports flow one way: ``images`` ← the readers (``folder``, ``record``,
+``binset``) ← ``pairs`` (verification sets) ← ``datamodule``; ``writers`` imports the readers,
+never the reverse.
+"""
+
+from facetrain.data.binset import BinDataset, read_bin
 from facetrain.data.datamodule import FaceDataModule
 from facetrain.data.folder import IdentityFolderDataset, scan_identity_folder
 from facetrain.data.images import DatasetError
@@ -11,8 +16,9 @@ from facetrain.data.pairs import (
     read_lfw_pairs,
     read_pair_list,
 )
-from facetrain.data.record import RecordDataset, pack_identity_folder
+from facetrain.data.record import RecordDataset
 from facetrain.data.synthetic import SyntheticFaces
+from facetrain.data.writers import pack_identity_folder, write_bin, write_bin_from_set
 
 __all__ = [
     "BinDataset",
@@ -30,4 +36,5 @@ __all__ = [
     "read_pair_list",
     "scan_identity_folder",
     "write_bin",
+    "write_bin_from_set",
 ]

@@ -1,5 +1,5 @@
 """insightface verification ``.bin`` files (lfw.bin, cfp_fp.bin, agedb_30.bin, ...), read without
-unrestricted pickle.
+unrestricted pickle (``facetrain.data.writers`` writes them).
 
 Layout (arcface_torch ``eval/verification.py: load_bin``): a pickle of ``(bins, issame_list)``;
 ``bins`` holds 2P encoded images (JPEG/PNG bytes, or uint8 arrays), pair i is images 2i and
@@ -12,15 +12,14 @@ before anything in it runs.
 import importlib
 import io
 import pickle
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from facetrain.data.images import DECODE_ERRORS, DatasetError
-from facetrain.data.record import decode_rgb
+from facetrain.data.images import DECODE_ERRORS, DatasetError, decode_rgb
 
 # (module, name) pairs a verification .bin may reference, as numpy 1 and numpy 2 pickle them.
 _ALLOWED_GLOBALS = {
@@ -140,27 +139,3 @@ class BinDataset(Dataset):
         if self.transform is not None:
             image = self.transform(image=image)["image"]
         return image, index
-
-
-def write_bin(path: str | Path, images: Sequence[bytes | np.ndarray], same: Sequence[bool]) -> Path:
-    """Write ``(list(images), list(same))`` as insightface does; pair i is images 2i, 2i+1."""
-    if len(images) != 2 * len(same):
-        raise ValueError(f"{len(images)} images for {len(same)} pairs; need 2 per pair")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = ([bytes(i) if isinstance(i, bytes | bytearray) else i for i in images],
-               [bool(s) for s in same])
-    path.write_bytes(pickle.dumps(payload, protocol=4))
-    return path
-
-
-def write_bin_from_set(spec: str | Path, output: str | Path) -> Path:
-    """Convert a pair list or LFW ``pairs.txt`` (anything ``open_verification_set`` reads from
-    image files) into a ``.bin``, storing each image file's own bytes."""
-    from facetrain.data.pairs import open_verification_set
-
-    dataset = open_verification_set(Path(output).stem, str(spec))
-    if not hasattr(dataset, "paths"):
-        raise DatasetError(f"{spec} is already a .bin; nothing to convert")
-    images = [dataset.paths[index].read_bytes() for pair in dataset.pairs for index in pair]
-    return write_bin(output, images, dataset.same)

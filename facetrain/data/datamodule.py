@@ -6,9 +6,9 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
-from facetrain.data.folder import SCAN_WORKERS, HeldOutPairs, IdentityFolderDataset
+from facetrain.data.folder import SCAN_WORKERS, IdentityFolderDataset
 from facetrain.data.images import DatasetError
-from facetrain.data.pairs import open_verification_set
+from facetrain.data.pairs import HeldOutPairs, open_verification_set
 from facetrain.data.record import RecordDataset, is_record_pack
 from facetrain.data.samplers import IdentityBalancedSampler
 from facetrain.data.synthetic import SyntheticFaces

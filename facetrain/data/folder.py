@@ -30,7 +30,6 @@ from facetrain.data.images import (
     check_image_header,
     read_rgb,
 )
-from facetrain.data.pairs import ImagePairsDataset
 
 log = logging.getLogger(__name__)
 
@@ -396,75 +395,3 @@ def scan_identity_folder(root: str | Path, **options) -> tuple[list[str], list[t
     ``IdentityFolderDataset``."""
     dataset = IdentityFolderDataset(root, **options)
     return dataset.classes, [(dataset.path(i), int(y)) for i, y in enumerate(dataset.labels)]
-
-
-def _verification_pairs(
-    counts: Sequence[int], num_pairs: int, rng: np.random.Generator
-) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
-    """Distinct same-identity and different-identity pairs of global image indices, at most
-    ``num_pairs // 2`` of each (fewer when the identities cannot give that many)."""
-    counts = np.asarray(counts)
-    offsets = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    several = np.flatnonzero(counts >= 2)
-    same: dict[tuple[int, int], None] = {}
-    different: dict[tuple[int, int], None] = {}
-    for _ in range(20 * (num_pairs // 2)):  # bounded: small sets run out of distinct pairs
-        if len(same) >= num_pairs // 2:
-            break
-        identity = several[rng.integers(len(several))]
-        a, b = sorted(rng.choice(counts[identity], size=2, replace=False))
-        same[(int(offsets[identity] + a), int(offsets[identity] + b))] = None
-    for _ in range(20 * (num_pairs // 2)):
-        if len(different) >= num_pairs // 2:
-            break
-        i, j = rng.choice(len(counts), size=2, replace=False)
-        a, b = int(offsets[i] + rng.integers(counts[i])), int(offsets[j] + rng.integers(counts[j]))
-        different[(min(a, b), max(a, b))] = None
-    return list(same), list(different)
-
-
-class HeldOutPairs(ImagePairsDataset):
-    """A verification set drawn from identities held out of training, in the LFW protocol's
-    order: 10 folds, each its same-identity pairs then its different-identity pairs.
-
-    Yields each distinct image once as (image, image index), like ``PairListDataset``; ``pairs``
-    (P, 2) indexes ``paths`` and ``same`` (P,) flags same-identity pairs.
-    """
-
-    def __init__(
-        self,
-        identities: Mapping[str, Sequence[Path]],
-        num_pairs: int = 2000,
-        seed: int = 0,
-        name: str = "heldout",
-        transform: Callable | None = None,
-    ):
-        groups = [list(paths) for paths in identities.values()]
-        if len(groups) < 2 or max(map(len, groups), default=0) < 2:
-            raise DatasetError(
-                f"verification set {name!r} needs at least 2 held-out identities, one with 2 or "
-                f"more images; raise data.heldout_identities or data.min_images_per_identity"
-            )
-        paths: list[Path] = [path for group in groups for path in group]
-        rng = np.random.default_rng(seed)
-        same, different = _verification_pairs([len(g) for g in groups], num_pairs, rng)
-        per_fold = min(len(same), len(different)) // 10
-        if per_fold == 0:
-            raise DatasetError(
-                f"the held-out identities give only {len(same)} distinct same-identity pairs, "
-                f"fewer than the 10 needed for 10-fold verification; raise "
-                f"data.heldout_identities"
-            )
-        if 2 * per_fold * 10 < num_pairs:
-            log.warning(
-                "verification set %r: %d pairs instead of data.heldout_pairs=%d (the held-out "
-                "identities give no more distinct pairs)", name, 20 * per_fold, num_pairs,
-            )
-        folds = [
-            same[k * per_fold : (k + 1) * per_fold] + different[k * per_fold : (k + 1) * per_fold]
-            for k in range(10)
-        ]
-        pairs = np.array([pair for fold in folds for pair in fold])
-        same = np.tile(np.repeat([True, False], per_fold), 10)
-        super().__init__(name, (paths, pairs, same), "held-out identities", transform)
-

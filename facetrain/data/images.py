@@ -1,5 +1,6 @@
 """Reading face images from disk: one place that decides what counts as a readable image."""
 
+import io
 import os
 from pathlib import Path
 from typing import BinaryIO
@@ -51,3 +52,9 @@ def read_rgb(path: str | bytes | Path | BinaryIO) -> np.ndarray:
             gray = (np.clip(np.asarray(image), 0, 65535) >> 8).astype(np.uint8)
             return np.repeat(gray[..., None], 3, axis=2)
         return np.asarray(image.convert("RGB"))
+
+
+def decode_rgb(data: bytes) -> np.ndarray:
+    """Decode encoded image bytes (JPEG, PNG, ...; a RecordIO record or a .bin entry) to an
+    (H, W, 3) uint8 RGB array, with the same conversions as image files (``read_rgb``)."""
+    return read_rgb(io.BytesIO(data))

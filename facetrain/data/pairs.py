@@ -1,5 +1,6 @@
 """Verification sets: pair lists, LFW ``pairs.txt`` and insightface ``.bin`` files, opened from
-config by ``open_verification_set``.
+config by ``open_verification_set``, and pairs drawn from identities held out of training
+(``HeldOutPairs``).
 
 Every set yields each distinct image once, as (image, image index), and exposes ``name``,
 ``pairs`` (P, 2) image indices, ``same`` (P,) flags and ``identities`` (one name per image, or
@@ -13,13 +14,17 @@ LFW ``pairs.txt`` (Huang et al. 2007): a header ``folds<TAB>n`` (or just ``n``),
 a person is ``<images>/<name>/<name>_<i:04d>.jpg``.
 """
 
-from collections.abc import Callable, Mapping
+import logging
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 from torch.utils.data import Dataset
 
+from facetrain.data.binset import BinDataset
 from facetrain.data.images import DatasetError, check_image_header, read_rgb
+
+log = logging.getLogger(__name__)
 
 FORMATS = ("pairs", "lfw", "bin")
 
@@ -191,6 +196,77 @@ class LFWPairsDataset(ImagePairsDataset):
         super().__init__(name, read_lfw_pairs(pairs_file, images), pairs_file, transform)
 
 
+def _verification_pairs(
+    counts: Sequence[int], num_pairs: int, rng: np.random.Generator
+) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """Distinct same-identity and different-identity pairs of global image indices, at most
+    ``num_pairs // 2`` of each (fewer when the identities cannot give that many)."""
+    counts = np.asarray(counts)
+    offsets = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    several = np.flatnonzero(counts >= 2)
+    same: dict[tuple[int, int], None] = {}
+    different: dict[tuple[int, int], None] = {}
+    for _ in range(20 * (num_pairs // 2)):  # bounded: small sets run out of distinct pairs
+        if len(same) >= num_pairs // 2:
+            break
+        identity = several[rng.integers(len(several))]
+        a, b = sorted(rng.choice(counts[identity], size=2, replace=False))
+        same[(int(offsets[identity] + a), int(offsets[identity] + b))] = None
+    for _ in range(20 * (num_pairs // 2)):
+        if len(different) >= num_pairs // 2:
+            break
+        i, j = rng.choice(len(counts), size=2, replace=False)
+        a, b = int(offsets[i] + rng.integers(counts[i])), int(offsets[j] + rng.integers(counts[j]))
+        different[(min(a, b), max(a, b))] = None
+    return list(same), list(different)
+
+
+class HeldOutPairs(ImagePairsDataset):
+    """A verification set drawn from identities held out of training, in the LFW protocol's
+    order: 10 folds, each its same-identity pairs then its different-identity pairs.
+
+    Yields each distinct image once as (image, image index), like ``PairListDataset``; ``pairs``
+    (P, 2) indexes ``paths`` and ``same`` (P,) flags same-identity pairs.
+    """
+
+    def __init__(
+        self,
+        identities: Mapping[str, Sequence[Path]],
+        num_pairs: int = 2000,
+        seed: int = 0,
+        name: str = "heldout",
+        transform: Callable | None = None,
+    ):
+        groups = [list(paths) for paths in identities.values()]
+        if len(groups) < 2 or max(map(len, groups), default=0) < 2:
+            raise DatasetError(
+                f"verification set {name!r} needs at least 2 held-out identities, one with 2 or "
+                f"more images; raise data.heldout_identities or data.min_images_per_identity"
+            )
+        paths: list[Path] = [path for group in groups for path in group]
+        rng = np.random.default_rng(seed)
+        same, different = _verification_pairs([len(g) for g in groups], num_pairs, rng)
+        per_fold = min(len(same), len(different)) // 10
+        if per_fold == 0:
+            raise DatasetError(
+                f"the held-out identities give only {len(same)} distinct same-identity pairs, "
+                f"fewer than the 10 needed for 10-fold verification; raise "
+                f"data.heldout_identities"
+            )
+        if 2 * per_fold * 10 < num_pairs:
+            log.warning(
+                "verification set %r: %d pairs instead of data.heldout_pairs=%d (the held-out "
+                "identities give no more distinct pairs)", name, 20 * per_fold, num_pairs,
+            )
+        folds = [
+            same[k * per_fold : (k + 1) * per_fold] + different[k * per_fold : (k + 1) * per_fold]
+            for k in range(10)
+        ]
+        pairs = np.array([pair for fold in folds for pair in fold])
+        same = np.tile(np.repeat([True, False], per_fold), 10)
+        super().__init__(name, (paths, pairs, same), "held-out identities", transform)
+
+
 def detect_format(path: Path) -> str:
     """``bin`` for a ``.bin`` file, ``lfw`` for a text file opening with LFW's header, else
     ``pairs``."""
@@ -203,8 +279,6 @@ def open_verification_set(name: str, spec, transform: Callable | None = None) ->
     """The verification set configured as ``data.verification.<name>``: a path (format detected
     by ``detect_format``) or a mapping ``{format: pairs|lfw|bin, path: ...}`` — for LFW
     ``{format: lfw, pairs: .../pairs.txt, images: .../lfw}`` (images optional)."""
-    from facetrain.data.binset import BinDataset
-
     key = f"data.verification.{name}"
     if isinstance(spec, str | Path):
         spec = {"format": detect_format(Path(spec)), "path": str(spec)}

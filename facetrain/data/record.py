@@ -1,5 +1,5 @@
-"""insightface RecordIO packs (``train.rec`` + ``train.idx`` + ``property``), read and written
-without mxnet.
+"""insightface RecordIO packs (``train.rec`` + ``train.idx`` + ``property``), read without mxnet
+(``facetrain.data.writers`` writes them).
 
 Framing (dmlc-core ``recordio.cc``): a record is uint32 magic 0xCED7230A, uint32 ``lrec``
 (``cflag = lrec >> 29``, ``length = lrec & (2**29 - 1)``), the payload, zero padding to 4 bytes.
@@ -18,12 +18,9 @@ record, key first+k, holds the (start, end) range of its image keys. ``property`
 record's own label.
 """
 
-import argparse
-import io
 import logging
 import os
 import struct
-import sys
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -31,41 +28,21 @@ from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
-from PIL import Image
 from torch.utils.data import Dataset
 
-from facetrain.data.images import DECODE_ERRORS, DatasetError, read_rgb
+from facetrain.data.images import DECODE_ERRORS, DatasetError, decode_rgb
 
 log = logging.getLogger(__name__)
 
 MAGIC = 0xCED7230A
-_MAGIC_BYTES = struct.pack("<I", MAGIC)
-_LENGTH_BITS = 29
-_MAX_LENGTH = (1 << _LENGTH_BITS) - 1
+MAGIC_BYTES = struct.pack("<I", MAGIC)
+LENGTH_BITS = 29
+MAX_LENGTH = (1 << LENGTH_BITS) - 1
 IR_HEADER = struct.Struct("<IfQQ")  # flag, label, id, id2
-# A record head long enough for the IRHeader and the first label value.
-_LABEL_BYTES = IR_HEADER.size + 4
 REINDEX_HINT = "rebuild the index with `facetrain-pack --reindex {rec}` or re-copy the pack"
 
 
 # --- framing ------------------------------------------------------------------------------------
-
-
-def _frame(cflag: int, part: bytes) -> bytes:
-    return struct.pack("<II", MAGIC, (cflag << _LENGTH_BITS) | len(part)) + part
-
-
-def encode_record(payload: bytes) -> bytes:
-    """One record, framed as dmlc's RecordIOWriter writes it (split at aligned magic words)."""
-    if len(payload) > _MAX_LENGTH:
-        raise ValueError(f"a RecordIO record holds at most {_MAX_LENGTH} bytes, got {len(payload)}")
-    parts, start = [], 0
-    for cut in range(0, len(payload) - 3, 4):
-        if payload[cut : cut + 4] == _MAGIC_BYTES:
-            parts.append(_frame(1 if start == 0 else 2, payload[start:cut]))
-            start = cut + 4
-    parts.append(_frame(3 if start else 0, payload[start:]))
-    return b"".join(parts) + b"\0" * (-len(payload) % 4)
 
 
 def read_record(file: BinaryIO, offset: int, rec_path: Path, limit: int | None = None) -> bytes:
@@ -82,7 +59,7 @@ def read_record(file: BinaryIO, offset: int, rec_path: Path, limit: int | None =
                 f"re-copy the pack"
             )
         magic, lrec = struct.unpack("<II", head)
-        cflag, length = lrec >> _LENGTH_BITS, lrec & _MAX_LENGTH
+        cflag, length = lrec >> LENGTH_BITS, lrec & MAX_LENGTH
         if magic != MAGIC or (not parts and cflag not in (0, 1)) or (parts and cflag not in (2, 3)):
             raise DatasetError(
                 f"no RecordIO record starts at offset {offset} of {rec_path} (its .idx does not "
@@ -100,7 +77,7 @@ def read_record(file: BinaryIO, offset: int, rec_path: Path, limit: int | None =
         if cflag in (0, 3) or (limit is not None and size >= limit):
             return b"".join(parts)
         file.seek(length - wanted + (-length % 4), os.SEEK_CUR)
-        parts.append(_MAGIC_BYTES)
+        parts.append(MAGIC_BYTES)
         size += 4
 
 
@@ -115,14 +92,6 @@ def scan_records(rec_path: Path) -> Iterable[tuple[int, bytes]]:
 
 
 # --- image-record payloads ----------------------------------------------------------------------
-
-
-def pack_payload(key: int, label: float | Iterable[float], image: bytes = b"") -> bytes:
-    """IRHeader + optional float32 label vector + image bytes (``mxnet.recordio.pack``)."""
-    if isinstance(label, int | float):
-        return IR_HEADER.pack(0, float(label), key, 0) + image
-    values = np.asarray(list(label), dtype="<f4")
-    return IR_HEADER.pack(values.size, 0.0, key, 0) + values.tobytes() + image
 
 
 def unpack_payload(payload: bytes) -> tuple[np.ndarray, int, bytes]:
@@ -237,31 +206,7 @@ def read_index(idx_path: Path, rec_path: Path) -> RecordIndex:
     return RecordIndex(keys, offsets)
 
 
-def write_index(rec_path: str | Path) -> Path:
-    """Rebuild ``.idx`` beside ``rec_path`` by walking the framing; keys are the IRHeader ids
-    (which insightface's and mxnet's packers set to the record keys)."""
-    rec_path = Path(rec_path)
-    idx_path = rec_path.with_suffix(".idx")
-    lines = [
-        f"{unpack_payload(payload)[1]}\t{offset}\n" for offset, payload in scan_records(rec_path)
-    ]
-    _write_atomic(idx_path, "".join(lines).encode())
-    return idx_path
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    staging = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    staging.write_bytes(data)
-    staging.replace(path)
-
-
 # --- the dataset --------------------------------------------------------------------------------
-
-
-def decode_rgb(data: bytes) -> np.ndarray:
-    """Decode encoded image bytes (JPEG, PNG, ...) to an (H, W, 3) uint8 RGB array, with the
-    same conversions as image files (``read_rgb``)."""
-    return read_rgb(io.BytesIO(data))
 
 
 class RecordDataset(Dataset):
@@ -386,91 +331,3 @@ class RecordDataset(Dataset):
                 image = self.transform(image=image)["image"]
             return image, label
         raise DatasetError(f"no image in {self.rec_path} could be decoded")
-
-
-# --- the writer -----------------------------------------------------------------------------------
-
-
-def encoded_image(path: Path, quality: int = 95) -> tuple[bytes, tuple[int, int]]:
-    """The bytes to pack for an image file and its (height, width): a JPEG's own bytes (no
-    second lossy pass), anything else re-encoded as JPEG at ``quality``."""
-    data = path.read_bytes()
-    with Image.open(io.BytesIO(data)) as image:
-        size = (image.height, image.width)
-        if image.format == "JPEG":
-            return data, size
-        buffer = io.BytesIO()
-        image.convert("RGB").save(buffer, format="JPEG", quality=quality)
-        return buffer.getvalue(), size
-
-
-def pack_identity_folder(root: str | Path, output_dir: str | Path, quality: int = 95) -> Path:
-    """Pack ``root/<identity>/<image>`` into ``output_dir/train.rec``, ``train.idx`` and
-    ``property`` in insightface's layout (header record 0, images 1..N, identity records after)."""
-    from facetrain.data.folder import scan_identity_folder
-
-    classes, samples = scan_identity_folder(root)
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    rec_path = output_dir / "train.rec"
-    first = len(samples) + 1
-    ranges: list[list[int]] = [[0, 0] for _ in classes]
-    staging = rec_path.with_name(f".{rec_path.name}.tmp-{os.getpid()}")
-    index_lines = []
-    size = None
-    with open(staging, "wb") as rec:
-
-        def write(key: int, payload: bytes) -> None:
-            index_lines.append(f"{key}\t{rec.tell()}\n")
-            rec.write(encode_record(payload))
-
-        write(0, pack_payload(0, [first, first + len(classes)]))
-        for key, (path, label) in enumerate(samples, start=1):
-            data, image_size = encoded_image(path, quality)
-            size = size or image_size
-            ranges[label] = [ranges[label][0] or key, key + 1]
-            write(key, pack_payload(key, float(label), data))
-        for identity, (start, stop) in enumerate(ranges):
-            write(first + identity, pack_payload(first + identity, [start, stop]))
-    staging.replace(rec_path)
-    _write_atomic(rec_path.with_suffix(".idx"), "".join(index_lines).encode())
-    (output_dir / "property").write_text(f"{len(classes)},{size[0]},{size[1]}\n")
-    log.info("packed %d images of %d identities into %s", len(samples), len(classes), rec_path)
-    return rec_path
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``facetrain-pack``: pack an identity folder, rebuild an index, or write a .bin set."""
-    parser = argparse.ArgumentParser(
-        prog="facetrain-pack",
-        description="Write insightface-format data without mxnet: a RecordIO training pack from "
-        "an identity folder (ROOT OUT_DIR), a rebuilt .idx (--reindex REC), or a verification "
-        ".bin from a pair list / LFW pairs.txt (--bin SET OUT.bin).",
-    )
-    parser.add_argument("paths", nargs="*", help="ROOT OUT_DIR | SET OUT.bin (with --bin)")
-    parser.add_argument("--quality", type=int, default=95, help="JPEG quality for non-JPEG images")
-    parser.add_argument("--reindex", metavar="REC", help="rebuild REC's .idx from its records")
-    parser.add_argument("--bin", action="store_true", help="write a verification .bin")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        if args.reindex:
-            if args.paths:
-                parser.error("--reindex takes only the .rec path")
-            print(f"wrote {write_index(args.reindex)}")
-            return
-        if len(args.paths) != 2:
-            parser.error("expected two paths: ROOT OUT_DIR (or SET OUT.bin with --bin)")
-        if args.bin:
-            from facetrain.data.binset import write_bin_from_set
-
-            print(f"wrote {write_bin_from_set(args.paths[0], args.paths[1])}")
-            return
-        rec = pack_identity_folder(args.paths[0], args.paths[1], args.quality)
-        print(f"wrote {rec}, {rec.with_suffix('.idx')} and {rec.parent / 'property'}")
-    except DatasetError as error:
-        sys.exit(f"facetrain-pack: data error: {error}")
-
-
-if __name__ == "__main__":
-    main()

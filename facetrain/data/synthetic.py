@@ -6,11 +6,9 @@ background and noise strongly enough that raw-pixel similarity verifies poorly, 
 can learn the traits and verify held-out identities well.
 """
 
-import argparse
 import json
 import os
 import shutil
-import time
 from dataclasses import asdict, dataclass, field, fields
 from functools import lru_cache
 from itertools import combinations
@@ -591,29 +589,3 @@ class SyntheticFaces:
                     continue
                 shutil.rmtree(stale)
         raise RuntimeError(f"could not move {staging} into place at {root}")
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=SyntheticFaces.__doc__)
-    parser.add_argument("root", help="output folder")
-    for option in fields(SyntheticFaces):
-        if option.name != "root":
-            parser.add_argument(
-                "--" + option.name.replace("_", "-"),
-                default=option.default,
-                type=int if option.default is None else type(option.default),
-            )
-    dataset = SyntheticFaces(**vars(parser.parse_args(argv)))
-    start = time.perf_counter()
-    dataset.generate()
-    seconds = time.perf_counter() - start
-    for folder in (dataset.train_root, dataset.verification_root):
-        identities = [d for d in folder.iterdir() if d.is_dir()]
-        images = sum(len(list(d.glob("*.jpg"))) for d in identities)
-        print(f"{folder}: {len(identities)} identities, {images} images")
-    pairs = len(dataset.pairs_file.read_text().splitlines())
-    print(f"{dataset.pairs_file}: {pairs} pairs; took {seconds:.1f} s")
-
-
-if __name__ == "__main__":
-    main()
