@@ -4,7 +4,6 @@ size, channels_last and torch.compile giving the same numbers."""
 
 import functools
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,18 +13,21 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from facetrain.backbones import (
+    Backbone,
     IResNet,
     MobileFaceNet,
     SphereNet,
     TimmBackbone,
     TorchvisionResNet,
+    available,
     count_macs,
     count_parameters,
+    create,
+    load_config,
 )
 from facetrain.backbones.iresnet import IRUnit
 from facetrain.backbones.sphereface import ResidualUnit
-
-BACKBONE_CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "backbone"
+from facetrain.resources import config_dir
 
 # configs/backbone/NAME.yaml → (input size, parameters, MACs), measured once and pinned so that
 # a refactor cannot change an architecture silently. Published figures are checked below.
@@ -46,20 +48,11 @@ PINNED = {
 }
 
 
-def from_config(name: str, input_size) -> nn.Module:
-    """Build ``configs/backbone/NAME.yaml`` as ``python train.py backbone=NAME`` does."""
-    config = OmegaConf.create(
-        {"data": {"image_size": list(input_size)},
-         "backbone": OmegaConf.load(BACKBONE_CONFIGS / f"{name}.yaml")}
-    )
-    return instantiate(config.backbone)
-
-
 @functools.cache
 def build_on_meta(name: str) -> nn.Module:
     """Shapes only: no memory, no compute, so even iresnet200 is built in a second."""
     with torch.device("meta"):
-        return from_config(name, PINNED[name][0])
+        return create(name, input_size=PINNED[name][0])
 
 
 @functools.cache
@@ -76,8 +69,12 @@ def test_parameter_and_mac_counts_are_pinned(name):
     assert measured_macs(name) == pytest.approx(macs, rel=1e-4)
 
 
+# The family files the depth files inherit from: every depth of the family, given a depth.
+FAMILIES = {"iresnet": IResNet, "sphereface": SphereNet, "resnet": TorchvisionResNet}
+
+
 def test_every_backbone_config_is_pinned_or_optional():
-    assert {path.stem for path in BACKBONE_CONFIGS.glob("*.yaml")} == {*PINNED, "timm"}
+    assert set(available()) == {*PINNED, "timm", *FAMILIES}
 
 
 def test_sphereface20_matches_the_released_caffe_model():
@@ -247,13 +244,14 @@ def test_zero_init_residual_makes_every_unit_start_as_its_shortcut():
 
 def test_fp16_keeps_the_embedding_layers_in_float32_inside_mixed_precision():
     torch.manual_seed(0)
-    full = IResNet(18, input_size=(64, 64)).eval()
-    half = IResNet(18, input_size=(64, 64), fp16=True).eval()
+    # 32x32: bfloat16 convolutions are emulated on CPUs without native support (64x64: ~18 s).
+    full = IResNet(18, input_size=(32, 32)).eval()
+    half = IResNet(18, input_size=(32, 32), fp16=True).eval()
     half.load_state_dict(full.state_dict())
     seen = {}
     half.body.register_forward_hook(lambda m, i, out: seen.update(body=out.dtype))
     half.output[3].register_forward_hook(lambda m, i, out: seen.update(fc=i[0].dtype))
-    images = torch.randn(4, 3, 64, 64)
+    images = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(half(images), full(images))  # float32 on CPU, as arcface_torch
         with torch.autocast("cpu", dtype=torch.bfloat16):  # as under trainer.precision=bf16-mixed
@@ -285,6 +283,199 @@ def test_missing_timm_tells_the_user_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "timm", None)  # what an environment without timm raises
     with pytest.raises(ImportError, match=r'pip install -e "\.\[timm\]"'):
         TimmBackbone("resnet18")
+
+
+# The interface every family keeps (facetrain.backbones.Backbone).
+
+# The submodule names each family's checkpoints were saved under (state_dict key prefixes).
+CHECKPOINT_PREFIXES = {
+    "sphereface4": {"features", "embedding"},
+    "mobilefacenet": {"features", "embedding"},
+    "iresnet18": {"body", "output"},
+    "resnet18": {"body", "output"},
+    "timm test_resnet": {"body", "output"},
+}
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_every_family_is_a_body_then_an_embedding(name):
+    torch.manual_seed(0)
+    model = SMALL[name](input_size=(32, 32), embedding_size=64).eval()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        embeddings = model.embedding(model.body(images))
+        assert torch.equal(model(images), embeddings)
+    assert embeddings.shape == (2, model.embedding_size) == (2, 64)
+    assert model.input_size == (32, 32) and model.fp16 is False
+    # The two parts are the whole network, and checkpoints keep their key names.
+    parts = count_parameters(model.body) + count_parameters(model.embedding)
+    assert parts == count_parameters(model)
+    assert {key.split(".")[0] for key in model.state_dict()} == CHECKPOINT_PREFIXES[name]
+    assert type(model).forward is Backbone.forward  # one input check, one fp16 code path
+
+
+def dtypes_seen(model: nn.Module) -> dict:
+    """Records, on every forward, the dtype the body returns and the embedding sees/returns."""
+    seen = {}
+    model.body.register_forward_hook(lambda m, i, out: seen.update(body=out.dtype))
+    model.embedding.register_forward_hook(
+        lambda m, i, out: seen.update(embedding_input=i[0].dtype, embedding=out.dtype)
+    )
+    return seen
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_fp16_means_the_same_on_every_family(name):
+    """The arcface_torch recipe: the body under autocast, the embedding in float32 even inside
+    an outer autocast; on the CPU nothing else changes (float32 stays float32)."""
+    torch.manual_seed(0)
+    full = SMALL[name](input_size=(32, 32)).eval()
+    half = SMALL[name](input_size=(32, 32), fp16=True).eval()
+    half.load_state_dict(full.state_dict())
+    seen = dtypes_seen(half)
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(half(images), full(images))
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # as trainer.precision=bf16-mixed
+            half(images)
+    assert seen == {"body": torch.bfloat16, "embedding_input": torch.float32,
+                    "embedding": torch.float32}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 autocasts the body on CUDA only")
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_fp16_runs_the_body_in_float16_on_cuda(name):
+    model = SMALL[name](input_size=(32, 32), fp16=True).cuda().eval()
+    seen = dtypes_seen(model)
+    with torch.no_grad():
+        model(torch.randn(2, 3, 32, 32, device="cuda"))
+    assert seen == {"body": torch.float16, "embedding_input": torch.float32,
+                    "embedding": torch.float32}
+
+
+# create(name) and the config files.
+
+# Every configs/backbone file as it was when each was flat (before the depth files inherited
+# from a family file), composed with data.image_size=[112,96]: inheritance must give these.
+ARCFACE_E_OPTIONS = {"embedding_size": 512, "input_size": [112, 96], "dropout": 0.0,
+                     "fp16": False, "zero_init_residual": False}
+FLAT_CONFIGS = {
+    **{f"iresnet{depth}": {"_target_": "facetrain.backbones.IResNet", "depth": depth,
+                           **ARCFACE_E_OPTIONS} for depth in (18, 34, 50, 100, 200)},
+    **{f"resnet{depth}": {"_target_": "facetrain.backbones.TorchvisionResNet", "depth": depth,
+                          **ARCFACE_E_OPTIONS} for depth in (18, 50)},
+    **{f"sphereface{depth}": {"_target_": "facetrain.backbones.SphereNet", "depth": depth,
+                              "embedding_size": 512, "input_size": [112, 96]}
+       for depth in (4, 10, 20, 36, 64)},
+    "mobilefacenet": {"_target_": "facetrain.backbones.MobileFaceNet", "embedding_size": 128,
+                      "input_size": [112, 96]},
+    "timm": {"_target_": "facetrain.backbones.TimmBackbone", "_convert_": "all",
+             "model_name": "resnet18", "embedding_size": 512, "input_size": [112, 96],
+             "pretrained": False, "dropout": 0.0, "model_kwargs": {}},
+}
+
+
+@functools.cache
+def composed_by_hydra() -> dict[str, dict]:
+    """``python train.py backbone=NAME data.image_size=[112,96]``'s backbone, for every name."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir(), version_base="1.3"):
+        return {
+            name: OmegaConf.to_container(
+                compose("train", [f"backbone={name}", "data.image_size=[112,96]"]).backbone,
+                resolve=True,
+            )
+            for name in FLAT_CONFIGS
+        }
+
+
+@pytest.mark.parametrize("name", sorted(FLAT_CONFIGS))
+def test_configs_compose_to_the_values_of_the_flat_files(name):
+    assert composed_by_hydra()[name] == FLAT_CONFIGS[name]
+    # load_config follows the same defaults lists without Hydra.
+    root = OmegaConf.create({"data": {"image_size": [112, 96]}, "backbone": load_config(name)})
+    assert OmegaConf.to_container(root.backbone, resolve=True) == FLAT_CONFIGS[name]
+
+
+def test_load_config_merges_defaults_in_hydras_order(tmp_path, monkeypatch):
+    """Where ``_self_`` stands decides who wins (last when absent), as Hydra composes the same
+    files; a file's missing value (``???``) never replaces a value."""
+    from hydra import compose, initialize_config_dir
+
+    import facetrain.backbones.configs as configs
+
+    group = tmp_path / "backbone"
+    group.mkdir()
+    files = {
+        "base": "width: 1\ndepth: ???\nname: base\n",
+        "after": "defaults: [base, _self_]\nwidth: 2\n",
+        "before": "defaults: [_self_, base]\nwidth: 2\n",
+        "implicit": "defaults: [base]\nwidth: 2\n",
+        "two_levels": "defaults: [after, _self_]\ndepth: 3\n",
+    }
+    for name, text in files.items():
+        (group / f"{name}.yaml").write_text(text)
+    monkeypatch.setattr(configs, "config_folder", lambda: group)
+    expected = {"after": (2, "???"), "before": (1, "???"), "implicit": (2, "???"),
+                "two_levels": (2, 3)}
+    with initialize_config_dir(str(tmp_path), version_base="1.3"):
+        for name, (width, depth) in expected.items():
+            by_hydra = compose(overrides=[f"+backbone={name}"]).backbone
+            ours = configs.load_config(name)
+            assert OmegaConf.to_container(ours) == OmegaConf.to_container(by_hydra)
+            assert (ours.width, OmegaConf.to_container(ours)["depth"]) == (width, depth)
+
+
+@pytest.mark.parametrize("name", sorted(FLAT_CONFIGS))
+def test_create_builds_what_train_py_builds(name):
+    with torch.device("meta"):
+        ours = create(name, input_size=(112, 96))
+        trained = instantiate(composed_by_hydra()[name])
+    assert type(ours) is type(trained)
+    assert ({k: v.shape for k, v in ours.state_dict().items()}
+            == {k: v.shape for k, v in trained.state_dict().items()})
+
+
+EXPECTED_CLASS = {"iresnet": IResNet, "sphereface": SphereNet, "resnet": TorchvisionResNet,
+                  "mobilefacenet": MobileFaceNet, "timm": TimmBackbone}
+
+
+@pytest.mark.parametrize("name", available())
+def test_create_builds_every_config_by_name(name):
+    family = name.rstrip("0123456789")
+    depth = {"iresnet": 34, "sphereface": 10, "resnet": 34}.get(name)  # family files: any depth
+    with torch.device("meta"):
+        model = create(name, fp16=True, **({"depth": depth} if depth else {}))
+    assert type(model) is EXPECTED_CLASS[family]
+    assert model.embedding_size == (128 if name == "mobilefacenet" else 512)
+    assert model.input_size == ((112, 96) if family == "sphereface" else (112, 112))  # papers'
+    assert model.fp16 is True
+    if family != name:
+        assert model.depth == int(name[len(family):])
+    elif depth:
+        assert model.depth == depth
+
+
+def test_create_overrides_constructor_arguments():
+    model = create("sphereface4", embedding_size=64, input_size=[32, 32])
+    assert (model.embedding_size, model.input_size) == (64, (32, 32))
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 64)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: create("iresnet51"),
+     r"^unknown backbone 'iresnet51'; available: iresnet, iresnet100, .*sphereface20.*, timm$"),
+    (lambda: create("iresnet50", depht=34),
+     r"^IResNet \(backbone 'iresnet50'\) has no argument depht; its arguments: depth, .*fp16"),
+    (lambda: create("sphereface"), r"sphereface\.yaml leaves depth to choose: "
+                                   r"create\('sphereface', depth=\.\.\.\)$"),
+    (lambda: create("iresnet50", depth=7), r"^IResNet depth must be one of \[18, 34, 50"),
+])
+def test_create_errors_are_one_line(call, message):
+    with pytest.raises(ValueError, match=message) as error:
+        call()
+    assert "\n" not in str(error.value)
 
 
 @pytest.mark.slow

@@ -2,10 +2,12 @@
 
 Every backbone is a :class:`Backbone`: it takes ``embedding_size``, ``input_size`` (H, W) and
 ``fp16``, exposes them as attributes, and has a ``body`` (images → features) and an
-``embedding`` (features → embedding); ``configs/backbone/*.yaml`` name one each.
+``embedding`` (features → embedding); ``configs/backbone/*.yaml`` name one each, and
+``create(name, **overrides)`` builds one by that name.
 """
 
 from facetrain.backbones.complexity import count_macs, count_parameters
+from facetrain.backbones.configs import available, create, load_config
 from facetrain.backbones.iresnet import IResNet
 from facetrain.backbones.layers import Backbone
 from facetrain.backbones.mobilefacenet import MobileFaceNet
@@ -20,6 +22,9 @@ __all__ = [
     "SphereNet",
     "TimmBackbone",
     "TorchvisionResNet",
+    "available",
     "count_macs",
     "count_parameters",
+    "create",
+    "load_config",
 ]
