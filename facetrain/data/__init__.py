@@ -1,12 +1,12 @@
 """Datasets, transforms, the synthetic face generator and the datamodule.
 
-Imports flow one way: ``images`` ← the readers (``folder``, ``record``,
+Imports flow one way: ``images`` and ``failures`` ← the readers (``folder``, ``record``,
 ``binset``) ← ``pairs`` (verification sets) ← ``datamodule``; ``writers`` imports the readers,
 never the reverse.
 """
 
 from facetrain.data.binset import BinDataset, read_bin
-from facetrain.data.datamodule import FaceDataModule
+from facetrain.data.datamodule import FaceDataModule, LoadFailureReport
 from facetrain.data.folder import IdentityFolderDataset, scan_identity_folder
 from facetrain.data.images import DatasetError
 from facetrain.data.pairs import (
@@ -26,6 +26,7 @@ __all__ = [
     "FaceDataModule",
     "IdentityFolderDataset",
     "LFWPairsDataset",
+    "LoadFailureReport",
     "PairListDataset",
     "RecordDataset",
     "SyntheticFaces",

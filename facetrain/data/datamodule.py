@@ -1,5 +1,7 @@
-"""The datamodule: an identity-folder or RecordIO training set plus named verification sets."""
+"""The datamodule: an identity-folder or RecordIO training set plus named verification sets, and
+the once-per-epoch report of training images that failed to decode."""
 
+import logging
 from collections.abc import Callable, Mapping, Sequence
 
 import pytorch_lightning as pl
@@ -13,6 +15,8 @@ from facetrain.data.record import RecordDataset, is_record_pack
 from facetrain.data.samplers import IdentityBalancedSampler
 from facetrain.data.synthetic import SyntheticFaces
 from facetrain.data.transforms import build_transform
+
+log = logging.getLogger(__name__)
 
 
 class FaceDataModule(pl.LightningDataModule):
@@ -31,6 +35,10 @@ class FaceDataModule(pl.LightningDataModule):
     ``IdentityFolderDataset``; held-out identities become a verification set named ``heldout``
     of ``heldout_pairs`` pairs. ``sampler`` (a partial ``IdentityBalancedSampler``, given
     ``labels`` and ``batch_size`` here) replaces the uniform shuffle.
+
+    Training images that fail to decode (each replaced by the next image) are counted in every
+    DataLoader worker; ``load_failures`` reports them to this process and ``LoadFailureReport``
+    once per epoch.
     """
 
     def __init__(
@@ -128,6 +136,22 @@ class FaceDataModule(pl.LightningDataModule):
             self.setup("fit")
         return self.train_set.num_classes
 
+    def load_failures(self) -> dict:
+        """Training images that failed to decode so far in this run, in any process:
+        ``{"count": n, "first": [the first files or records, by name]}``."""
+        if self.train_set is None:
+            return {"count": 0, "first": []}
+        return self._named(*self.train_set.load_failures.run())
+
+    def take_epoch_load_failures(self) -> dict:
+        """As ``load_failures``, for the failures since the previous call (one epoch's)."""
+        if self.train_set is None:
+            return {"count": 0, "first": []}
+        return self._named(*self.train_set.load_failures.take_epoch())
+
+    def _named(self, count: int, first: list[int]) -> dict:
+        return {"count": count, "first": [self.train_set.sample_name(i) for i in first]}
+
     def _loader(self, dataset, batch_size: int, train: bool, sampler=None) -> DataLoader:
         return DataLoader(
             dataset,
@@ -151,3 +175,22 @@ class FaceDataModule(pl.LightningDataModule):
 
     def val_dataloader(self) -> list[DataLoader]:
         return [self._loader(s, self.eval_batch_size, train=False) for s in self.verification_sets]
+
+
+class LoadFailureReport(pl.Callback):
+    """One warning after each training epoch in which training images failed to decode: how many
+    (counted in every DataLoader worker, each replaced by the next image) and the first files."""
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        datamodule = trainer.datamodule
+        if not isinstance(datamodule, FaceDataModule):
+            return
+        failures = datamodule.take_epoch_load_failures()
+        if failures["count"]:
+            rank = f" (rank {trainer.global_rank})" if trainer.world_size > 1 else ""
+            more = " ..." if failures["count"] > len(failures["first"]) else ""
+            log.warning(
+                "epoch %d%s: %d training image(s) failed to decode and were replaced by the next "
+                "image; first: %s%s",
+                trainer.current_epoch, rank, failures["count"], "; ".join(failures["first"]), more,
+            )

@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.progress import Progress
 from torch.utils.data import Dataset
 
+from facetrain.data.failures import LoadFailures
 from facetrain.data.images import (
     DECODE_ERRORS,
     IMAGE_EXTENSIONS,
@@ -286,7 +287,8 @@ class IdentityFolderDataset(Dataset):
     (identity → image paths) for a verification set. One log line reports the counts.
 
     An image that passed the header check but fails to decode when loaded (e.g. a truncated
-    JPEG body) is replaced by the next sample, with its own label, and counted in a warning.
+    JPEG body) is replaced by the next sample, with its own label, named in a warning and
+    recorded in ``load_failures`` (shared with the DataLoader workers).
     """
 
     def __init__(
@@ -304,7 +306,7 @@ class IdentityFolderDataset(Dataset):
     ):
         self.root = Path(root)
         self.transform = transform
-        self.failed_loads: Counter[Path] = Counter()
+        self.load_failures = LoadFailures()  # made here, before any worker starts
         scan = scan_folder(self.root, index_cache, scan_workers)
         names, dropped, empty = select_identities(
             scan, min_images_per_identity, include_identities, exclude_identities
@@ -371,17 +373,26 @@ class IdentityFolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self._files)
 
+    def sample_name(self, index: int) -> str:
+        """The file of sample ``index``, as a warning names it."""
+        return shown(str(self.path(index)))
+
+    @property
+    def failed_loads(self) -> Counter[Path]:
+        """Files that failed to decode in any process (the first ``LoadFailures.keep``
+        failures), with how often each failed."""
+        return Counter(self.path(i) for i in self.load_failures.run()[1])
+
     def __getitem__(self, index: int):
         for attempt in range(len(self._files)):
             sample = (index + attempt) % len(self._files)
             try:
                 image = read_rgb(self._files[sample])
             except DECODE_ERRORS as error:
-                path = self.path(sample)
-                self.failed_loads[path] += 1
+                self.load_failures.add(sample)
                 log.warning(
                     "could not decode %s (%s); using the next image instead",
-                    shown(str(path)), error,
+                    self.sample_name(sample), error,
                 )
                 continue
             if self.transform is not None:

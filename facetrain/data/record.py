@@ -30,6 +30,7 @@ from typing import BinaryIO
 import numpy as np
 from torch.utils.data import Dataset
 
+from facetrain.data.failures import LoadFailures
 from facetrain.data.images import DECODE_ERRORS, DatasetError, decode_rgb
 
 log = logging.getLogger(__name__)
@@ -215,13 +216,14 @@ class RecordDataset(Dataset):
 
     Labels come from the identity records (one small read per identity, not per image) when the
     pack has insightface's header record, else from each image record. A record whose image does
-    not decode is replaced by the next one and counted, as in ``IdentityFolderDataset``.
+    not decode is replaced by the next one and recorded in ``load_failures`` (shared with the
+    DataLoader workers), as in ``IdentityFolderDataset``.
     """
 
     def __init__(self, path: str | Path, transform: Callable | None = None):
         self.rec_path, self.idx_path = pack_files(path)
         self.transform = transform
-        self.failed_loads: Counter[int] = Counter()
+        self.load_failures = LoadFailures()  # made here, before any worker starts
         self._index = read_index(self.idx_path, self.rec_path)
         self._file: BinaryIO | None = None
         self._opened_by: int | None = None
@@ -305,6 +307,16 @@ class RecordDataset(Dataset):
     def __len__(self) -> int:
         return len(self.keys)
 
+    def sample_name(self, index: int) -> str:
+        """The record of sample ``index``, as a warning names it."""
+        return f"record {int(self.keys[index])} of {self.rec_path}"
+
+    @property
+    def failed_loads(self) -> Counter[int]:
+        """Record keys that failed to decode in any process (the first ``LoadFailures.keep``
+        failures), with how often each failed."""
+        return Counter(int(self.keys[i]) for i in self.load_failures.run()[1])
+
     def __getitem__(self, index: int):
         for attempt in range(len(self.keys)):
             position = (index + attempt) % len(self.keys)
@@ -321,7 +333,7 @@ class RecordDataset(Dataset):
             try:
                 image = decode_rgb(data)
             except DECODE_ERRORS as error:
-                self.failed_loads[key] += 1
+                self.load_failures.add(position)
                 log.warning(
                     "could not decode record %d of %s (%s); using the next image instead",
                     key, self.rec_path, error,
