@@ -4,11 +4,13 @@ pairs.txt in both line forms, pair lists, and several sets at once."""
 import io
 import os
 import pickle
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+from test_data_failures import truncate_jpeg
 
 from facetrain.cli.pack import main as pack_main
 from facetrain.data import (
@@ -144,6 +146,17 @@ def test_write_bin_rejects_a_pair_count_mismatch(tmp_path):
         write_bin(tmp_path / "x.bin", [b"a", b"b", b"c"], [True])
 
 
+def test_a_bin_image_that_does_not_decode_stops_naming_it(tmp_path):
+    cut = truncate_jpeg(tmp_path / "cut.jpg").read_bytes()  # its header passes read_bin's check
+    path = write_bin(tmp_path / "lfw.bin", [jpeg((0, 0, 0))] * 3 + [cut], [True, False])
+    dataset = BinDataset(path, "lfw")
+    assert dataset[2][1] == 2
+    with pytest.raises(DatasetError, match=rf"verification set 'lfw': image 3 of "
+                                           rf"{re.escape(str(path))} has a readable header but "
+                                           rf"does not decode"):
+        dataset[3]
+
+
 # --- LFW pairs.txt --------------------------------------------------------------------------------
 
 
@@ -213,6 +226,16 @@ def test_lfw_pairs_errors(lfw, text, message):
     (lfw / "pairs.txt").write_text(text)
     with pytest.raises(DatasetError, match=message):
         open_verification_set("lfw", str(lfw / "pairs.txt"))
+
+
+def test_a_pair_image_that_does_not_decode_stops_naming_the_file(lfw):
+    """No stand-in image for one side of a pair: the set would no longer be the published one."""
+    (lfw / "pairs.txt").write_text(LFW_PAIRS)
+    broken = truncate_jpeg(lfw / "lfw" / "Zico" / "Zico_0002.jpg")
+    dataset = open_verification_set("lfw", str(lfw / "pairs.txt"))  # its header is readable
+    with pytest.raises(DatasetError, match=rf"verification set 'lfw': {re.escape(str(broken))} "
+                                           rf"has a readable header but does not decode"):
+        dataset[dataset.pairs[3, 0]]
 
 
 # --- choosing and configuring sets ----------------------------------------------------------------

@@ -135,7 +135,14 @@ class BinDataset(Dataset):
         if isinstance(image, np.ndarray):
             image = np.stack([image] * 3, axis=-1) if image.ndim == 2 else image
         else:
-            image = decode_rgb(image)
+            try:  # no stand-in for an image of a pair: a failure stops, naming the image
+                image = decode_rgb(image)
+            except DECODE_ERRORS as error:
+                raise DatasetError(
+                    f"verification set {self.name!r}: image {index} of {self.path} has a "
+                    f"readable header but does not decode ({type(error).__name__}: {error}); "
+                    f"get an intact copy of the file"
+                ) from None
         if self.transform is not None:
             image = self.transform(image=image)["image"]
         return image, index

@@ -22,7 +22,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from facetrain.data.binset import BinDataset
-from facetrain.data.images import DatasetError, check_image_header, read_rgb
+from facetrain.data.images import DECODE_ERRORS, DatasetError, check_image_header, read_rgb
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +170,15 @@ class ImagePairsDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int):
-        image = read_rgb(self.paths[index])
+        # No stand-in for an image of a pair: a failure stops, naming the file.
+        try:
+            image = read_rgb(self.paths[index])
+        except DECODE_ERRORS as error:
+            raise DatasetError(
+                f"verification set {self.name!r}: {self.paths[index]} has a readable header but "
+                f"does not decode ({type(error).__name__}: {error}); fix or remove the pairs "
+                f"that use it"
+            ) from None
         if self.transform is not None:
             image = self.transform(image=image)["image"]
         return image, index
