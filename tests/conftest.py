@@ -33,7 +33,7 @@ def trained_run(tiny_faces, tmp_path_factory) -> Path:
     result = run_cli(
         "train.py", *tiny_overrides(tiny_faces, run_dir),
         "trainer.max_epochs=2", "measure_baselines=false", "loss.scale=16", "loss.margin=0.2",
-        "+callbacks.checkpoint.save_top_k=-1", "model.projector_samples=40",
+        "+callbacks.checkpoint.save_top_k=-1", "callbacks.projector.samples=40",
         cwd=run_dir.parent,
     )
     assert result.returncode == 0, result.stderr[-3000:]

@@ -14,7 +14,8 @@ def test_train_writes_checkpoints_tensorboard_and_metrics(tiny_faces, tmp_path):
     run_dir = tmp_path / "run"
     result = run_cli(
         "train.py", *tiny_overrides(tiny_faces, run_dir), "trainer.max_epochs=6",
-        "loss.scale=16", "loss.margin=0.2", "model.histogram_every_n_steps=10", cwd=tmp_path,
+        "loss.scale=16", "loss.margin=0.2", "callbacks.histograms.every_n_steps=10",
+        "~callbacks.projector", cwd=tmp_path,  # the projector callback is what writes projections
     )
     assert result.returncode == 0, result.stderr[-3000:]
 
@@ -33,6 +34,10 @@ def test_train_writes_checkpoints_tensorboard_and_metrics(tiny_faces, tmp_path):
                    "train/hard_negative_fraction", "val/synthetic/accuracy", "val/accuracy"):
         assert scalar in tags["scalars"], scalar
     assert "train/theta_y_deg" in tags["histograms"]
+    assert "val/synthetic/roc" in tags["images"]
+    # 6 epochs would project at epoch 5 and after the last; without the callback, never.
+    assert not list((run_dir / "tensorboard").rglob("projector_config.pbtxt"))
+    assert not list((run_dir / "tensorboard").rglob("metadata.tsv"))
     losses = [event.value for event in accumulator.Scalars("train/loss")]
     assert losses[-1] < losses[0], "the training loss did not fall"
 
