@@ -190,10 +190,16 @@ class FaceRecognitionModule(pl.LightningModule):
         order = [p for group in self._parameter_groups() for p in group["params"]]
         position = next(i for i, p in enumerate(order) if p is weight)
         for optimizer_state in checkpoint.get("optimizer_states", []):
-            state = optimizer_state.get("state", {}).get(position, {})
-            for key, value in state.items():
-                if torch.is_tensor(value) and value.ndim and value.shape[0] == rows:
-                    state[key] = convert(value)
+            states = optimizer_state.get("state", {})
+            if position not in states:
+                continue
+            # A new dict: optimizer.state_dict() shares the live per-parameter state with the
+            # optimizer, and converting that in place would give it the whole matrix's rows.
+            states[position] = {
+                key: convert(value)
+                if torch.is_tensor(value) and value.ndim and value.shape[0] == rows else value
+                for key, value in states[position].items()
+            }
 
     def configure_gradient_clipping(
         self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
