@@ -1,8 +1,10 @@
 """Export to ONNX / TorchScript: parity with PyTorch on real face images, a dynamic batch axis,
 metadata a second tool can read, and no file left behind when the check fails."""
 
+import copy
 import json
 import warnings
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -14,7 +16,13 @@ from helpers import run_cli
 from torch import nn
 
 from facetrain import __version__
-from facetrain.backbones import IResNet, MobileFaceNet, SphereNet
+from facetrain.backbones import (
+    IResNet,
+    MobileFaceNet,
+    SphereNet,
+    TimmBackbone,
+    TorchvisionResNet,
+)
 from facetrain.checkpoint import load_backbone
 from facetrain.data.image_list import list_images
 from facetrain.export import (
@@ -123,6 +131,85 @@ def test_metadata_is_enough_to_use_the_model_without_facetrain(exported, faces_f
     with torch.no_grad():
         expected = backbone(reference).numpy()
     np.testing.assert_allclose(embedding, expected, atol=1e-3, rtol=0)
+
+
+def faces_from_metadata(path, folder, count: int) -> np.ndarray:
+    """``count`` face images of ``folder`` read with OpenCV and preprocessed from the ONNX file's
+    metadata alone (input_size, mean, std): no facetrain code between the file and the pixels."""
+    metadata = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    height, width = json.loads(metadata["input_size"])
+    mean, std = (np.array(json.loads(metadata[key]), np.float32) for key in ("mean", "std"))
+    files = sorted(Path(folder).rglob("*.jpg"))[:count]
+    faces = []
+    for file in files:
+        image = cv2.cvtColor(cv2.imread(str(file)), cv2.COLOR_BGR2RGB)
+        image = cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
+        faces.append(((image / np.float32(255) - mean) / std).transpose(2, 0, 1))
+    return np.stack(faces).astype(np.float32)
+
+
+def assert_onnxruntime_matches_pytorch(path, backbone: nn.Module, folder, batch: int = 7):
+    """A fresh onnxruntime session on the exported file against the backbone run in PyTorch
+    (eval mode, no grad), at batch 1 and at ``batch`` (a size the exporter never checked):
+    largest |difference| within 1e-4 of the largest embedding value, cosine above 0.99999."""
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    images = faces_from_metadata(path, folder, batch)
+    backbone.eval()
+    with torch.no_grad():
+        expected = backbone(torch.from_numpy(images)).numpy()
+    scale = np.abs(expected).max()
+    assert scale > 0.1, "embeddings vanishingly small: any tolerance would pass"
+    for size in (1, batch):
+        (got,) = session.run(["embeddings"], {"images": images[:size]})
+        reference = expected[:size]
+        assert got.shape == reference.shape
+        diff = np.abs(got - reference).max()
+        cosine = (got * reference).sum(1) / np.linalg.norm(got, axis=1) \
+            / np.linalg.norm(reference, axis=1)
+        assert diff <= 1e-4 * max(scale, 1.0), f"batch {size}: max |diff| {diff:.3g}"
+        assert cosine.min() > 0.99999, f"batch {size}: min cosine {cosine.min():.7f}"
+
+
+def test_an_independent_onnxruntime_session_agrees_with_pytorch(exported, faces_folder):
+    backbone, _, path, _ = exported
+    assert_onnxruntime_matches_pytorch(path, backbone, faces_folder)
+
+
+def test_the_independent_check_sees_weights_changed_after_export(exported, faces_folder):
+    """The check above can fail: the file no longer matches a backbone changed by 1% in one
+    layer."""
+    backbone, _, path, _ = exported
+    changed = copy.deepcopy(backbone)
+    with torch.no_grad():
+        next(changed.parameters()).mul_(1.01)
+    with pytest.raises(AssertionError, match="max \\|diff\\|"):
+        assert_onnxruntime_matches_pytorch(path, changed, faces_folder)
+
+
+FAMILIES = {  # the smallest member of each family at 64x64
+    "SphereNet": lambda: SphereNet(depth=4, embedding_size=64, input_size=SIZE),
+    "IResNet": lambda: IResNet(depth=18, embedding_size=64, input_size=SIZE),
+    "TorchvisionResNet": lambda: TorchvisionResNet(depth=18, embedding_size=64, input_size=SIZE),
+    "TimmBackbone": lambda: TimmBackbone("test_resnet", embedding_size=64, input_size=SIZE),
+}
+
+
+@pytest.mark.parametrize(
+    "family",
+    ["SphereNet", *(pytest.param(name, marks=pytest.mark.slow)  # 12-17 s each to export
+                    for name in ("IResNet", "TorchvisionResNet", "TimmBackbone"))],
+)
+def test_every_backbone_family_exports_what_pytorch_computes(family, faces_folder, tmp_path):
+    if family == "TimmBackbone":
+        pytest.importorskip("timm")
+    torch.manual_seed(0)
+    backbone = FAMILIES[family]()
+    info = describe(backbone, f"facetrain.backbones.{family}")
+    calibrated(backbone, parity_images(info, faces_folder, count=8))
+    path = tmp_path / "backbone.onnx"
+    export_backbone(backbone, path, parity_images(info, faces_folder, count=4),
+                    model_metadata(info))
+    assert_onnxruntime_matches_pytorch(path, backbone, faces_folder)
 
 
 class PooledLinear(nn.Module):
