@@ -6,9 +6,11 @@
     python -m benchmarks.backbone_speed --backbones sphereface4 --compile
     python -m benchmarks.backbone_speed --device cuda --batch 128
 
-Each backbone is built from its ``configs/backbone/NAME.yaml`` at its paper's input size
-(SphereFace 112x96, the others 112x112), so what is timed is what ``python train.py
-backbone=NAME`` runs. Parameters and multiply-accumulates (MACs = FLOPs / 2, one image) come
+Each backbone is built from its ``configs/backbone/NAME.yaml`` by
+``facetrain.backbones.create(NAME)``, at its paper's input size (the constructors' default:
+SphereFace 112x96, the others 112x112), so what is timed is what ``python train.py
+backbone=NAME`` runs. The family files (``iresnet``, ``sphereface``, ``resnet``: no depth) are
+left out. Parameters and multiply-accumulates (MACs = FLOPs / 2, one image) come
 from ``facetrain.backbones.complexity``. A step is forward + backward of a batch (loss: the mean
 squared embedding; no head) in the training memory format (channels_last unless
 ``--contiguous``). The baseline is stock ``torchvision.models.resnet18`` (1000 classes) at
@@ -20,17 +22,13 @@ machine load. ``÷ resnet18`` is backbone images/s over baseline images/s (media
 import argparse
 import statistics
 import time
-from pathlib import Path
 
 import torch
 import torchvision
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
 
-from facetrain.backbones import count_macs, count_parameters
-
-BACKBONE_CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "backbone"
+from facetrain.backbones import available, count_macs, count_parameters, create, load_config
 
 # Figures published for the same architecture (see each backbone's model-card docstring).
 PUBLISHED = {
@@ -49,18 +47,10 @@ def family_then_depth(name: str) -> tuple[str, int]:
     return family, int(name[len(family):] or 0)
 
 
-def paper_input_size(name: str) -> tuple[int, int]:
-    return (112, 96) if name.startswith("sphereface") else (112, 112)
-
-
-def build(name: str, input_size: tuple[int, int], timm_model: str) -> nn.Module:
-    config = OmegaConf.create(
-        {"data": {"image_size": list(input_size)},
-         "backbone": OmegaConf.load(BACKBONE_CONFIGS / f"{name}.yaml")}
-    )
-    if name == "timm":
-        config.backbone.model_name = timm_model
-    return instantiate(config.backbone)
+def has_every_value(name: str) -> bool:
+    """False for the family files, which leave ``depth: ???`` to the depth files."""
+    config = load_config(name)
+    return not any(OmegaConf.is_missing(config, key) for key in config)
 
 
 def step_time(model: nn.Module, images: torch.Tensor) -> float:
@@ -85,7 +75,7 @@ def measure(model, baseline, images, baseline_images, steps) -> tuple[float, flo
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    names = sorted((path.stem for path in BACKBONE_CONFIGS.glob("*.yaml")), key=family_then_depth)
+    names = sorted(filter(has_every_value, available()), key=family_then_depth)
     parser.add_argument("--backbones", nargs="+", default=[n for n in names if n != "timm"],
                         choices=names, metavar="NAME", help=f"any of {', '.join(names)}")
     parser.add_argument("--timm-model", default="resnet18", help="model_name for --backbones timm")
@@ -115,9 +105,9 @@ def main() -> None:
               f"{'img/s':>8}{'÷ resnet18':>12}")
     print(header + (f"{'compiled ÷ eager':>18}" if args.compile else ""), flush=True)
     for name in args.backbones:
-        size = paper_input_size(name)
         torch.manual_seed(0)
-        model = build(name, size, args.timm_model).to(device, memory_format=memory_format)
+        model = create(name, **({"model_name": args.timm_model} if name == "timm" else {}))
+        model, size = model.to(device, memory_format=memory_format), model.input_size
         macs = count_macs(model, size)
         model.train()
         images = batch(size)

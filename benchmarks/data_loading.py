@@ -24,6 +24,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
+from facetrain.backbones import create
 from facetrain.data import IdentityFolderDataset, SyntheticFaces
 from facetrain.data.record import RecordDataset
 from facetrain.data.transforms import build_transform
@@ -46,8 +47,7 @@ def loader_rate(dataset, batch_size: int, workers: int, batches: int) -> float:
 
 def training_rate(batch_size: int, num_classes: int, size: int, steps: int, device: str) -> float:
     """Images/s of MobileFaceNet + ArcFace forward + backward + SGD step (median step time)."""
-    backbone = instantiate(OmegaConf.load(CONFIGS / "backbone" / "mobilefacenet.yaml"),
-                           input_size=[size, size])
+    backbone = create("mobilefacenet", input_size=[size, size])
     head = instantiate(OmegaConf.load(CONFIGS / "loss" / "arcface.yaml"),
                        embedding_size=backbone.embedding_size, num_classes=num_classes)
     backbone, head = backbone.to(device, memory_format=torch.channels_last), head.to(device)

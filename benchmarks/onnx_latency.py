@@ -5,10 +5,10 @@ PyTorch, same run.
     python -m benchmarks.onnx_latency --backbones mobilefacenet iresnet50 --repeats 20
     python -m benchmarks.onnx_latency --threads 1
 
-Each backbone is built from its ``configs/backbone/*.yaml`` at ``--input-size`` (112x112 by
-default), its BatchNorm statistics set from synthetic faces (a fresh network's near-zero
-activations would time denormal arithmetic, not the network), exported with
-``facetrain.export.write_onnx`` and checked for parity before timing. PyTorch runs in eval
+Each backbone is built from its ``configs/backbone/*.yaml`` (``facetrain.backbones.create``) at
+``--input-size`` (112x112 by default), its BatchNorm statistics set from synthetic faces (a
+fresh network's near-zero activations would time denormal arithmetic, not the network), exported
+with ``facetrain.export.write_onnx`` and checked for parity before timing. PyTorch runs in eval
 mode under ``torch.inference_mode`` in both memory layouts (NCHW, and channels_last as training
 and ``facetrain-embed`` use); onnxruntime uses the CPU execution provider with the same number
 of threads and without spin-waiting. Each runtime is timed in blocks of consecutive calls, the
@@ -26,22 +26,14 @@ from pathlib import Path
 import numpy as np
 import onnxruntime
 import torch
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
 from torch import nn
 
+from facetrain.backbones import create
 from facetrain.data.synthetic import draw_face, sample_traits
 from facetrain.data.transforms import build_transform
 from facetrain.export import check_parity, onnx_runner, write_onnx
 
 ROUNDS = 3  # blocks per runtime, alternated so that every runtime sees the same machine load
-BACKBONE_CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "backbone"
-
-
-def build(name: str, input_size: list[int]) -> nn.Module:
-    config = OmegaConf.load(BACKBONE_CONFIGS / f"{name}.yaml")
-    config.input_size = input_size
-    return instantiate(config)
 
 
 def face_batch(count: int, input_size: list[int]) -> torch.Tensor:
@@ -69,7 +61,7 @@ def seconds(run, images) -> float:
 
 def latencies(name: str, faces: torch.Tensor, args, threads: int) -> None:
     """Print one row per batch size for backbone ``name``."""
-    backbone = calibrate_batchnorm(build(name, args.input_size), faces[:32])
+    backbone = calibrate_batchnorm(create(name, input_size=args.input_size), faces[:32])
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads
     # ORT's pool spin-waits after each run by default, which would steal the cores from the
@@ -82,7 +74,7 @@ def latencies(name: str, faces: torch.Tensor, args, threads: int) -> None:
         session = onnxruntime.InferenceSession(
             str(path), options, providers=["CPUExecutionProvider"]
         )
-    nhwc = build(name, args.input_size)
+    nhwc = create(name, input_size=args.input_size)
     nhwc.load_state_dict(backbone.state_dict())
     nhwc = nhwc.eval().to(memory_format=torch.channels_last)
     runs = {
