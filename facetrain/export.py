@@ -244,10 +244,6 @@ def export_backbone(
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     backbone = backbone.cpu().eval().to(memory_format=torch.contiguous_format)
-    import copy
-    backbone = copy.deepcopy(backbone)
-    with torch.no_grad():
-        next(backbone.parameters()).mul_(1.01)  # BREAK: the file is not the given model
     images = images.cpu().float()
     temporary = output.with_name(output.name + ".tmp")
     try:
