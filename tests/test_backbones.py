@@ -377,13 +377,14 @@ FLAT_CONFIGS = {
 
 @functools.cache
 def composed_by_hydra() -> dict[str, dict]:
-    """``python train.py backbone=NAME data.image_size=[112,96]``'s backbone, for every name."""
+    """The backbone group ``backbone=NAME data.image_size=[112,96]`` composes, for every name
+    (the group alone: composing all of train.yaml 14 times costs ~10 s more, same group files)."""
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir(), version_base="1.3"):
         return {
             name: OmegaConf.to_container(
-                compose("train", [f"backbone={name}", "data.image_size=[112,96]"]).backbone,
+                compose(overrides=[f"+backbone={name}", "+data.image_size=[112,96]"]).backbone,
                 resolve=True,
             )
             for name in FLAT_CONFIGS
