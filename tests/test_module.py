@@ -113,3 +113,23 @@ def test_training_step_without_logging_never_waits_for_the_device(margin, monkey
     trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=4))
     assert trainer.global_step == 6
     assert counter.calls == [], f"host syncs in a non-logging training step: {counter.calls}"
+
+
+def test_checkpoints_from_before_the_class_center_split_still_load():
+    """Runs saved when the head owned the class centers (``head.weight``, ``head.bias``) resume:
+    the keys move to the classifier and every tensor lands where it belongs."""
+    from facetrain.heads import Softmax
+
+    head = Softmax(bias=True)
+    module = FaceRecognitionModule(
+        Constant(1.0), head, FullClassCenters(4, 3, head),
+        optimizer=lambda g: torch.optim.SGD(g, lr=0.1),
+    )
+    old = {key.replace("classifier.", "head."): torch.randn_like(value)
+           for key, value in module.state_dict().items()}
+    assert {"head.weight", "head.bias"} <= set(old)
+    checkpoint = {"state_dict": dict(old)}
+    module.on_load_checkpoint(checkpoint)
+    module.load_state_dict(checkpoint["state_dict"])
+    assert torch.equal(module.classifier.weight, old["head.weight"])
+    assert torch.equal(module.classifier.bias, old["head.bias"])
