@@ -3,10 +3,10 @@
     python -m benchmarks.head_speed                      # D=512, C=10k and 100k, batch 128
     python -m benchmarks.head_speed --classes 10000 --device cuda
 
-Each head is built from its ``configs/loss/*.yaml`` (paper defaults), so what is timed is what
-``python train.py loss=NAME`` runs. The baseline is ``F.linear`` + ``F.cross_entropy`` with the
-same (C, D) weight; the ratio is head time / baseline time (median of repeats, interleaved so
-both see the same machine load).
+Each margin is built from its ``configs/loss/*.yaml`` (paper defaults) on the full class-center
+store, so what is timed is what ``python train.py loss=NAME`` runs. The baseline is
+``F.linear`` + ``F.cross_entropy`` with the same (C, D) weight; the ratio is head time /
+baseline time (median of repeats, interleaved so both see the same machine load).
 """
 
 import argparse
@@ -20,29 +20,41 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
 
+from facetrain.classifiers import FullClassCenters
+
 LOSS_CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "loss"
 
 
 class LinearCrossEntropy(nn.Module):
-    """The baseline: a bias-free linear classifier."""
+    """The baseline: a bias-free linear classifier and cross-entropy."""
 
     def __init__(self, embedding_size: int, num_classes: int):
         super().__init__()
         self.weight = nn.Parameter(torch.randn(num_classes, embedding_size) * 0.01)
 
     def forward(self, embeddings, labels):
-        return F.linear(embeddings, self.weight)
+        return F.cross_entropy(F.linear(embeddings, self.weight), labels)
 
 
-def step_time(head: nn.Module, embeddings, labels) -> float:
+class MarginLoss(nn.Module):
+    """A margin on the full class-center store, plus its extra term: the training loss."""
+
+    def __init__(self, margin: nn.Module, embedding_size: int, num_classes: int):
+        super().__init__()
+        self.margin = margin
+        self.centers = FullClassCenters(embedding_size, num_classes, margin)
+
+    def forward(self, embeddings, labels):
+        loss = self.centers(embeddings, labels, self.margin).loss
+        extra = self.margin.extra_loss()
+        return loss if extra is None else loss + extra
+
+
+def step_time(loss_of: nn.Module, embeddings, labels) -> float:
     if embeddings.is_cuda:
         torch.cuda.synchronize()
     start = time.perf_counter()
-    loss = F.cross_entropy(head(embeddings, labels), labels)
-    extra = getattr(head, "extra_loss", lambda: None)()
-    if extra is not None:
-        loss = loss + extra
-    loss.backward()
+    loss_of(embeddings, labels).backward()
     if embeddings.is_cuda:
         torch.cuda.synchronize()
     return time.perf_counter() - start
@@ -79,9 +91,8 @@ def main() -> None:
         row = []
         for num_classes in args.classes:
             torch.manual_seed(0)
-            head = instantiate(
-                OmegaConf.load(config), embedding_size=args.embedding_size, num_classes=num_classes
-            )
+            margin = instantiate(OmegaConf.load(config))
+            head = MarginLoss(margin, args.embedding_size, num_classes)
             baseline = LinearCrossEntropy(args.embedding_size, num_classes).to(args.device)
             row.append(measure(head, baseline, args.embedding_size, num_classes,
                                args.batch, args.repeats, args.device))
