@@ -116,7 +116,12 @@ class FaceRecognitionModule(pl.LightningModule):
             self._first_non_finite = torch.full((), -1, dtype=torch.long, device=loss.device)
         first = self._first_non_finite
         self._first_non_finite = torch.where(bad & (first < 0), self.global_step, first)
-        if logging and self._first_non_finite >= 0:
+        if logging:
+            self._stop_if_non_finite()
+
+    def _stop_if_non_finite(self) -> None:
+        """Raise if a training loss so far was not finite (reads the device)."""
+        if self._first_non_finite is not None and self._first_non_finite >= 0:
             raise FloatingPointError(
                 f"training loss is not finite (nan or inf) since step "
                 f"{int(self._first_non_finite)} (epoch {self.current_epoch}); lower optimizer.lr "
@@ -168,6 +173,9 @@ class FaceRecognitionModule(pl.LightningModule):
         self._val_embeddings.clear()
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Weights made after a non-finite loss are not worth a file: stop before it is written,
+        # so last.ckpt stays the last good one (the next logging step may be epochs away).
+        self._stop_if_non_finite()
         if self.description is not None:
             checkpoint[METADATA_KEY] = self.description
         if self.classifier.sharded:  # the centers' optimizer state, whole (see PartialFC)
