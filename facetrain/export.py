@@ -249,7 +249,15 @@ def export_backbone(
     try:
         if format == "onnx":
             write_onnx(backbone, images[:2], temporary, metadata, opset)
-            parity = check_parity(backbone, onnx_runner(temporary), images)
+            try:
+                run_exported = onnx_runner(temporary)
+            except Exception as error:  # onnxruntime's errors share no base below Exception
+                summary = str(error).strip().splitlines()[0]
+                raise ExportError(  # e.g. opset 6: written, but below what onnxruntime runs
+                    f"onnxruntime cannot run the exported {type(backbone).__name__} at opset "
+                    f"{opset} ({summary}); choose opset>=17"
+                ) from error
+            parity = check_parity(backbone, run_exported, images)
         else:
             write_torchscript(backbone, images[:2], temporary, metadata)
             parity = check_parity(backbone, torchscript_runner(temporary), images)
