@@ -50,4 +50,16 @@ def user_errors(tool: str, **more: type[Exception]) -> Iterator[None]:
     except tuple(kinds.values()) as error:
         kind = next(name for name, cls in kinds.items() if isinstance(error, cls))
         logging.getLogger(tool).debug("%s failed", tool, exc_info=True)
-        raise SystemExit(f"{tool}: {kind} error: {error}") from None
+        raise SystemExit(f"{tool}: {kind} error: {worker_message(error)}") from None
+
+
+def worker_message(error: Exception) -> str:
+    """The error's own message, also when a DataLoader worker raised it: PyTorch re-raises it
+    in the main process as "Caught X in DataLoader worker process N. Original Traceback ..."
+    with the worker's traceback inside the message; the user needs its last line only."""
+    message = str(error)
+    if "Original Traceback" not in message:
+        return message
+    last = message.rstrip().splitlines()[-1]
+    prefix = f"{type(error).__module__}.{type(error).__qualname__}: "
+    return last.removeprefix(prefix).removeprefix(f"{type(error).__qualname__}: ")
