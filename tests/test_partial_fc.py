@@ -148,11 +148,12 @@ def sampling(rank: int) -> dict:
         steps.append({"before": before, "loss": loss.detach(), "grad": store.weight.grad.clone(),
                       "sampled": drawn[-1], "t": margin.t.clone()})
         optimizer.step()
-    margin = ArcFace()
-    small = PartialFC(D, SAMPLE_CLASSES, margin, sample_rate=0.1, rank=rank, world_size=WORLD)
+    small_margin = ArcFace()
+    small = PartialFC(D, SAMPLE_CLASSES, small_margin, sample_rate=0.1, rank=rank,
+                      world_size=WORLD)
     small_drawn = recording_samples(small.train())
     x, labels = sampling_batch(0)
-    small(x[rows], labels[rows], margin)
+    small(x[rows], labels[rows], small_margin)
     return {"steps": steps, "after": store.weight.detach().clone(),
             "num_sample": store.num_sample, "small_num_sample": small.num_sample,
             "small_sampled": small_drawn[-1]}
@@ -176,8 +177,9 @@ def checkpoint(rank: int) -> dict:
     }
 
 
-def batch_size(rank: int) -> dict:
-    """Unequal batches on the first step, then a batch that changes size later."""
+def bad_input(rank: int) -> dict:
+    """Unequal batches on the first step, a batch that changes size later, and a label
+    outside the classes on one rank only: each must fail on every rank, none may hang."""
     errors = {}
     margin = ArcFace()
     store = PartialFC(D, C, margin, rank=rank, world_size=WORLD).train()
@@ -191,11 +193,17 @@ def batch_size(rank: int) -> dict:
         store(torch.randn(3, D), torch.zeros(3, dtype=torch.long), margin)
     except ClassifierError as error:
         errors["later"] = str(error)
+    store = PartialFC(D, C, margin, rank=rank, world_size=WORLD).train()
+    try:
+        store(torch.randn(2, D), torch.tensor([0, C if rank == 1 else 1]), margin)
+    except RuntimeError as error:
+        errors["label"] = str(error)
+    dist.barrier()  # both ranks are here, none left waiting in the all-gather
     return errors
 
 
 SCENARIOS = {"equivalence": equivalence, "sampling": sampling, "checkpoint": checkpoint,
-             "batch_size": batch_size}
+             "bad_input": bad_input}
 
 
 def run_rank(rank: int, init_file: str, out: str) -> None:
@@ -370,11 +378,13 @@ def test_checkpoints_hold_the_whole_matrix_and_load_at_any_world_size(ranks):
                                atol=0)
 
 
-def test_unequal_batches_fail_on_every_rank(ranks):
-    for rank, errors in enumerate(ranks("batch_size")):
+def test_bad_batches_fail_on_every_rank(ranks):
+    for rank, errors in enumerate(ranks("bad_input")):
         assert "same batch size on every rank, got [3, 4]" in errors.get("first", ""), rank
         assert "drop_last=true" in errors["first"]
         assert "fixed per-rank batch size (first 4, now 3)" in errors.get("later", ""), rank
+        # rank 1's bad label stops rank 0 too (the check runs on the gathered labels)
+        assert "a label is outside [0, 7)" in errors.get("label", ""), rank
 
 
 def test_a_label_outside_the_classes_is_named():

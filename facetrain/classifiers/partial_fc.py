@@ -127,13 +127,14 @@ class PartialFC(ClassCenters):
                 ) -> CenterCosines:
         x = embeddings.float()
         local_norms = x.norm(dim=1, keepdim=True)
+        if is_distributed():
+            self._check_batch(x)
+            x, labels = gather_with_gradient(x), all_gather_rows(labels)
+        # On the global labels: every rank fails on a bad label, none waits in a collective.
         torch._assert_async(
             ((labels >= 0) & (labels < self.num_classes)).all(),
             f"a label is outside [0, {self.num_classes}) (the classifier's num_classes)",
         )
-        if is_distributed():
-            self._check_batch(x)
-            x, labels = gather_with_gradient(x), all_gather_rows(labels)
         norms = x.norm(dim=1, keepdim=True)
         local_labels = labels - self.class_start
         held = (local_labels >= 0) & (local_labels < self.num_local)
