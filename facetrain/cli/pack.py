@@ -4,7 +4,7 @@ mxnet (``facetrain.data.writers``)."""
 import argparse
 import logging
 
-from facetrain.cli import user_errors
+from facetrain.cli import silence_library_noise, user_errors
 from facetrain.data.writers import pack_identity_folder, write_bin_from_set, write_index
 
 
@@ -26,6 +26,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.reindex and len(args.paths) != 2:
         parser.error("expected two paths: ROOT OUT_DIR (or SET OUT.bin with --bin)")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    silence_library_noise()
     with user_errors("facetrain-pack"):
         if args.reindex:
             print(f"wrote {write_index(args.reindex)}")

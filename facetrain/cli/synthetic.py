@@ -5,7 +5,7 @@ import argparse
 import time
 from dataclasses import fields
 
-from facetrain.cli import user_errors
+from facetrain.cli import silence_library_noise, user_errors
 from facetrain.data.synthetic import SyntheticFaces
 
 
@@ -25,6 +25,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(str(error))
     start = time.perf_counter()
     # A non-empty folder this generator did not make is refused, not overwritten.
+    silence_library_noise()
     with user_errors("facetrain-synthetic", output=FileExistsError):
         dataset.generate()
     seconds = time.perf_counter() - start
