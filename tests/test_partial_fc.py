@@ -1,8 +1,9 @@
 """Partial-FC against the full class-center store: two CPU processes over gloo.
 
-Starting a process costs seconds (it imports torch), so one ``mp.spawn`` (the module fixture
-``ranks``) runs every two-rank scenario and saves what each rank saw; each test compares that
-with an independent single-process computation. Centers are split unequally (C=7 over two
+Starting a process costs seconds (it imports torch, and its first DistributedDataParallel
+imports torch's compiler stack), so one ``mp.spawn`` (the module fixture ``ranks``) runs every
+two-rank scenario and saves what each rank saw; each test compares that with an independent
+single-process computation. Centers are split unequally (C=7 over two
 ranks: rows 0–3 and 4–6), so an off-by-one in the shards shows.
 """
 
