@@ -17,6 +17,7 @@ from PIL import Image
 from pytorch_lightning.callbacks import ModelCheckpoint
 from test_data_folder import make_folder, write_image
 from test_eval import eval_config, write_checkpoint
+from test_export import PooledLinear
 from torch import nn
 
 from facetrain.backbones import MobileFaceNet
@@ -309,19 +310,7 @@ def test_export_format_is_refused_before_the_checkpoint_is_read(tmp_path):
         export_from_config(cfg)
 
 
-class Pooled(nn.Module):
-    embedding_size = 8
-
-    def __init__(self):
-        super().__init__()
-        self.pool = nn.AdaptiveAvgPool2d(2)
-        self.fc = nn.Linear(12, self.embedding_size)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.pool(images).flatten(1))
-
-
-class DataDependentBranch(Pooled):
+class DataDependentBranch(PooledLinear):
     """Python control flow on a tensor's value: no exporter can trace it to one graph."""
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -330,10 +319,10 @@ class DataDependentBranch(Pooled):
 
 
 @pytest.mark.parametrize(("model", "opset", "message"), [
-    (Pooled, 40, r"neither ONNX exporter could write Pooled at opset 40 \(.*40.*\); choose "
-                 r"opset>=17"),
-    (Pooled, 6, r"onnxruntime cannot run the exported Pooled at opset 6 \(.*\); choose "
-                r"opset>=17"),
+    (PooledLinear, 40, r"neither ONNX exporter could write PooledLinear at opset 40 "
+                       r"\(.*40.*\); choose opset>=17"),
+    (PooledLinear, 6, r"onnxruntime cannot run the exported PooledLinear at opset 6 \(.*\); "
+                      r"choose opset>=17"),
     (DataDependentBranch, 18, r"torch\.onnx\.export failed for DataDependentBranch at opset 18"),
 ], ids=["opset-no-exporter-writes", "opset-onnxruntime-cannot-run", "untraceable"])
 def test_an_export_that_cannot_be_made_stops_with_an_export_error(model, opset, message, tmp_path):
