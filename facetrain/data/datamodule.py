@@ -12,7 +12,7 @@ from facetrain.data.folder import SCAN_WORKERS, IdentityFolderDataset
 from facetrain.data.images import DatasetError
 from facetrain.data.pairs import HeldOutPairs, open_verification_set
 from facetrain.data.record import RecordDataset, is_record_pack
-from facetrain.data.samplers import IdentityBalancedSampler
+from facetrain.data.samplers import IdentityBalancedSampler, ShardedSequentialSampler
 from facetrain.data.synthetic import SyntheticFaces
 from facetrain.data.transforms import build_transform
 
@@ -174,7 +174,21 @@ class FaceDataModule(pl.LightningDataModule):
         return self._loader(self.train_set, self.batch_size, train=True, sampler=sampler)
 
     def val_dataloader(self) -> list[DataLoader]:
-        return [self._loader(s, self.eval_batch_size, train=False) for s in self.verification_sets]
+        """This rank's share of each verification set under a Trainer (the whole sets on one
+        process); the module gathers the embeddings of all ranks before scoring pairs."""
+        world = {}
+        if self.trainer is not None:
+            world = dict(num_replicas=self.trainer.world_size, rank=self.trainer.global_rank)
+        return self.verification_loaders(**world)
+
+    def verification_loaders(self, num_replicas: int = 1, rank: int = 0) -> list[DataLoader]:
+        """One loader per verification set reading rank ``rank``'s share of its images (of
+        ``num_replicas``): every image on exactly one rank (``ShardedSequentialSampler``)."""
+        return [
+            self._loader(s, self.eval_batch_size, train=False,
+                         sampler=ShardedSequentialSampler(s, num_replicas, rank))
+            for s in self.verification_sets
+        ]
 
 
 class LoadFailureReport(pl.Callback):

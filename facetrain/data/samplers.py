@@ -1,4 +1,7 @@
-"""Identity-balanced (P×K) sampling: every batch holds P identities with K images each.
+"""The samplers of the loaders: identity-balanced (P×K) training batches, and evaluation sets
+split over DDP ranks with every image exactly once (``ShardedSequentialSampler``).
+
+Identity-balanced (P×K) sampling: every batch holds P identities with K images each.
 
 Metric losses (triplet, contrastive, center) need positives in the batch; a uniform shuffle of a
 folder with 10k identities almost never puts two images of one identity together. The P×K
@@ -114,3 +117,25 @@ class IdentityBalancedSampler(DistributedSampler):
 
     def __len__(self) -> int:
         return self.batches_per_rank * self.batch_size
+
+
+class ShardedSequentialSampler(DistributedSampler):
+    """Rank ``rank`` of ``num_replicas`` reads images ``rank, rank + num_replicas, ...`` in
+    order: over the ranks every image exactly once, without the padding ``DistributedSampler``
+    adds (it repeats images until every rank has as many), so ranks may differ by one image.
+
+    For evaluation, where a repeated image would be embedded twice and a dropped one missed;
+    the gatherer handles the unequal counts. It subclasses ``DistributedSampler`` so that
+    Lightning keeps it instead of injecting its padding sampler.
+    """
+
+    def __init__(self, dataset, num_replicas: int = 1, rank: int = 0):
+        super().__init__(dataset, num_replicas, rank, shuffle=False)
+        self.num_samples = len(range(rank, len(dataset), num_replicas))
+        self.total_size = len(dataset)
+
+    def __iter__(self):
+        return iter(range(self.rank, self.total_size, self.num_replicas))
+
+    def __len__(self) -> int:
+        return self.num_samples
