@@ -162,15 +162,23 @@ class FaceRecognitionModule(pl.LightningModule):
             result = kfold_verification(scores, dataset.same)
             self.verification_results[dataset.name] = result.as_dict()
             for key, value in result.scalars().items():
-                self.log(f"val/{dataset.name}/{key}", value, add_dataloader_idx=False)
+                self._log_verification(f"val/{dataset.name}/{key}", value)
             self.last_validation[dataset.name] = ValidatedSet(dataset, embeddings, scores)
             accuracies.append(result.accuracy)
-            log.info(
-                "epoch %d, %s: verification accuracy %.4f ± %.4f, AUC %.4f",
-                self.current_epoch, dataset.name, result.accuracy, result.accuracy_std, result.auc,
-            )
-        self.log("val/accuracy", float(np.mean(accuracies)), prog_bar=True)
+            if self.trainer.is_global_zero:  # every rank has the same result: print it once
+                log.info(
+                    "epoch %d, %s: verification accuracy %.4f ± %.4f, AUC %.4f", self.current_epoch,
+                    dataset.name, result.accuracy, result.accuracy_std, result.auc,
+                )
+        self._log_verification("val/accuracy", float(np.mean(accuracies)), prog_bar=True)
         self._val_embeddings.clear()
+
+    def _log_verification(self, name: str, value: float, prog_bar: bool = False) -> None:
+        # Every rank scored the same gathered embeddings: the value is the same on each (and
+        # each rank's checkpoint callback reads it). Lightning asks for epoch-level values to be
+        # synced under DDP; a max, unlike its default mean, returns the shared value unchanged.
+        self.log(name, value, prog_bar=prog_bar, add_dataloader_idx=False, sync_dist=True,
+                 reduce_fx="max")
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Weights made after a non-finite loss are not worth a file: stop before it is written,
@@ -231,10 +239,36 @@ class FaceRecognitionModule(pl.LightningModule):
         return [loader.dataset for loader in loaders]
 
     def _gather_embeddings(self, loader_idx: int, num_images: int) -> torch.Tensor:
-        """All of a set's embeddings, placed by image index (gathered across DDP ranks)."""
-        indices, embeddings = map(torch.cat, zip(*self._val_embeddings[loader_idx], strict=True))
-        indices, embeddings = self.all_gather(indices), self.all_gather(embeddings)
-        indices, embeddings = indices.reshape(-1), embeddings.reshape(-1, embeddings.shape[-1])
+        """All of a set's embeddings, placed by image index, gathered across DDP ranks.
+
+        Each rank embedded its own share of the images (``ShardedSequentialSampler``: no
+        padding, so counts differ by up to one); ``all_gather`` needs equal shapes, so every rank
+        pads to the largest count with image index -1 and the padding is dropped after. Every
+        image must arrive exactly once: a repeated or missing one would change the pairs'
+        scores without a sign."""
+        batches = self._val_embeddings.get(loader_idx, [])
+        if batches:
+            indices, embeddings = map(torch.cat, zip(*batches, strict=True))
+        else:  # a set smaller than the world leaves a rank without images
+            indices = torch.empty(0, dtype=torch.long, device=self.device)
+            embeddings = torch.empty(0, self.classifier.embedding_size, device=self.device)
+        if self.trainer.world_size > 1:
+            counts = self.all_gather(torch.tensor(indices.numel(), device=self.device))
+            padding = int(counts.max()) - indices.numel()
+            indices = nn.functional.pad(indices, (0, padding), value=-1)
+            embeddings = nn.functional.pad(embeddings, (0, 0, 0, padding))
+            indices = self.all_gather(indices).reshape(-1)
+            embeddings = self.all_gather(embeddings).reshape(-1, embeddings.shape[-1])
+            embeddings, indices = embeddings[indices >= 0], indices[indices >= 0]
+        times = torch.bincount(indices, minlength=num_images)
+        if times.numel() != num_images or not bool((times == 1).all()):
+            name = self._verification_datasets()[loader_idx].name
+            raise RuntimeError(
+                f"validation embedded {int((times > 0).sum())} of the {num_images} images of "
+                f"verification set {name!r}, some up to {int(times.max())} times: every "
+                f"image must be embedded exactly once; keep trainer.limit_val_batches at 1.0 and "
+                f"the val loaders' ShardedSequentialSampler"
+            )
         placed = embeddings.new_zeros(num_images, embeddings.shape[1])
         placed[indices] = embeddings
         return placed

@@ -24,10 +24,11 @@ def measure_baselines(
     model: FaceRecognitionModule, datamodule, trainer: pl.Trainer
 ) -> dict[str, dict[str, float]]:
     """Verification accuracy of raw pixels and of the untrained network, per verification set:
-    what training has to beat."""
+    what training has to beat. Every rank calls it: the untrained validation is collective, the
+    raw pixels are read whole on each rank (no network, no collective: the same everywhere)."""
     raw_pixels = {
         loader.dataset.name: evaluate_pairs(nn.Flatten(), loader).accuracy
-        for loader in datamodule.val_dataloader()
+        for loader in datamodule.verification_loaders()
     }
     trainer.validate(model, datamodule=datamodule, verbose=False)
     untrained = {name: r["accuracy"] for name, r in model.verification_results.items()}
@@ -102,7 +103,8 @@ def train(cfg: DictConfig) -> dict:
         num_train_images=len(datamodule.train_set),
         load_failures=datamodule.load_failures(),  # counted in every DataLoader worker
     )
-    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    log.info("final verification accuracy (10-fold):\n%s", report(metrics))
-    log.info("run folder: %s", output_dir)
+    if trainer.is_global_zero:  # one file, one report (verification is the same on every rank)
+        (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        log.info("final verification accuracy (10-fold):\n%s", report(metrics))
+        log.info("run folder: %s", output_dir)
     return metrics
