@@ -13,6 +13,7 @@ from torch import nn
 
 from facetrain.checkpoint import METADATA_KEY, check_resume, upgrade_state_dict
 from facetrain.classifiers import ClassCenters
+from facetrain.classifiers.distributed import all_gather_rows
 from facetrain.evaluation import embed, kfold_verification, pair_scores
 
 log = logging.getLogger(__name__)
@@ -242,7 +243,7 @@ class FaceRecognitionModule(pl.LightningModule):
         """All of a set's embeddings, placed by image index, gathered across DDP ranks.
 
         Each rank embedded its own share of the images (``ShardedSequentialSampler``: no
-        padding, so counts differ by up to one); ``all_gather`` needs equal shapes, so every rank
+        padding, so counts differ by up to one); an all-gather needs equal shapes, so every rank
         pads to the largest count with image index -1 and the padding is dropped after. Every
         image must arrive exactly once: a repeated or missing one would change the pairs'
         scores without a sign."""
@@ -253,12 +254,10 @@ class FaceRecognitionModule(pl.LightningModule):
             indices = torch.empty(0, dtype=torch.long, device=self.device)
             embeddings = torch.empty(0, self.classifier.embedding_size, device=self.device)
         if self.trainer.world_size > 1:
-            counts = self.all_gather(torch.tensor(indices.numel(), device=self.device))
+            counts = all_gather_rows(torch.tensor([indices.numel()], device=self.device))
             padding = int(counts.max()) - indices.numel()
-            indices = nn.functional.pad(indices, (0, padding), value=-1)
-            embeddings = nn.functional.pad(embeddings, (0, 0, 0, padding))
-            indices = self.all_gather(indices).reshape(-1)
-            embeddings = self.all_gather(embeddings).reshape(-1, embeddings.shape[-1])
+            indices = all_gather_rows(nn.functional.pad(indices, (0, padding), value=-1))
+            embeddings = all_gather_rows(nn.functional.pad(embeddings, (0, 0, 0, padding)))
             embeddings, indices = embeddings[indices >= 0], indices[indices >= 0]
         times = torch.bincount(indices, minlength=num_images)
         if times.numel() != num_images or not bool((times == 1).all()):
