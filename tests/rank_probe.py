@@ -11,8 +11,9 @@ import torch
 class SaveRankState(pl.Callback):
     """Before each validation (after the epoch's last optimizer step, before DDP's first
     evaluation forward broadcasts rank 0's buffers), every rank writes
-    ``rank<r>.pt``: the global step and the replicated state (backbone and margin parameters and
-    buffers; not the Partial-FC shard, which differs by design)."""
+    ``rank<r>.pt``: the global step, its number of torch threads and the replicated state
+    (backbone and margin parameters and buffers; not the Partial-FC shard, which differs by
+    design)."""
 
     def __init__(self, folder: str):
         self.folder = Path(folder)
@@ -24,5 +25,8 @@ class SaveRankState(pl.Callback):
             for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
                 state[f"{part}.{name}"] = tensor.detach().clone()
         self.folder.mkdir(parents=True, exist_ok=True)
-        torch.save({"global_step": trainer.global_step, "state": state},
-                   self.folder / f"rank{trainer.global_rank}.pt")
+        torch.save(
+            {"global_step": trainer.global_step, "threads": torch.get_num_threads(),
+             "state": state},
+            self.folder / f"rank{trainer.global_rank}.pt",
+        )

@@ -136,6 +136,11 @@ def test_both_ranks_hold_the_same_replicated_state(ddp_run, tiny_faces):
     ranks hold the same parameters and margin state, and the checkpoint holds it."""
     ranks = [torch.load(ddp_run.probes / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
     assert [r["global_step"] for r in ranks] == [EPOCHS * steps_per_epoch(tiny_faces, WORLD)] * 2
+    # The two processes share the CPUs rather than each claiming all of them (Lightning's rule,
+    # configs/trainer/ddp_cpu.yaml), unless OMP_NUM_THREADS says otherwise.
+    given = os.environ.get("OMP_NUM_THREADS")
+    share = int(given) if given else max(1, len(os.sched_getaffinity(0)) // WORLD)
+    assert [r["threads"] for r in ranks] == [share] * WORLD
     zero, one = (r["state"] for r in ranks)
     assert zero.keys() == one.keys() and {"head.norm_mean", "head.norm_std"} <= zero.keys()
     assert float(zero["head.norm_mean"]) != 20.0  # moved from its initial value
