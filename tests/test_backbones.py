@@ -484,11 +484,11 @@ def test_train_sphereface4_with_a_softmax_learns(tiny_faces, tmp_path):
     """``python train.py backbone=sphereface4 loss=sphereface``: the paper's pair, end to end."""
     import json
 
-    from test_train import run_train, tiny_overrides
+    from helpers import run_cli, tiny_overrides
 
     run_dir = tmp_path / "run"
-    result = run_train(
-        *tiny_overrides(tiny_faces, run_dir), "backbone=sphereface4", "loss=sphereface",
+    result = run_cli(
+        "train.py", *tiny_overrides(tiny_faces, run_dir), "backbone=sphereface4", "loss=sphereface",
         "trainer.max_epochs=2", cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
