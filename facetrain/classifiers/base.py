@@ -1,4 +1,4 @@
-"""What every class-center store does around a margin (architecture.md: classifiers/).
+"""What every class-center store does around a margin (docs/heads.md).
 
 A store holds class centers, computes the cosines of a batch to the centers it holds
 (``cosines``), lets the margin turn them into logits and takes the cross-entropy over them.
