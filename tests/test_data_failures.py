@@ -142,7 +142,9 @@ def test_train_writes_the_failures_of_two_workers_into_metrics(tiny_faces, tmp_p
     """``python train.py data=folder`` with the default two workers on a folder holding a
     truncated JPEG: metrics.json names it."""
     root = tmp_path / "faces"
-    for identity in sorted(tiny_faces.train_root.iterdir())[:8]:  # 8 × 10 images: 5 batches
+    # identity folders only: another test may have left the folder's scan index beside them
+    identities = sorted(p for p in tiny_faces.train_root.iterdir() if p.is_dir())
+    for identity in identities[:8]:  # 8 × 10 images: 5 batches
         shutil.copytree(identity, root / identity.name)
     truncated = truncate_jpeg(root / "id_00003" / "0004.jpg")
     run_dir = tmp_path / "run"
