@@ -81,6 +81,7 @@ class PartialFC(ClassCenters):
         self.weight = nn.Parameter(torch.empty(self.num_local, embedding_size))
         nn.init.normal_(self.weight, std=0.01)
         self._batch_size: int | None = None  # per-rank batch, checked equal on the first step
+        self._warned_count = False  # the sampled count grew to the global batch (said once)
         if world_size > 1:
             # A margin parameter (learnt scale) gets from each rank the gradient of its shard's
             # logits only; DDP averages, so scale by W to make that average the sum.
@@ -112,7 +113,7 @@ class PartialFC(ClassCenters):
         """Sorted indices of the centers scored this step: every held positive plus random
         negatives (no host sync: positives get a score above every random one)."""
         count = min(self.num_local, max(self.num_sample, local_labels.numel()))
-        if count != self.num_sample and not getattr(self, "_warned_count", False):
+        if count != self.num_sample and not self._warned_count:
             log.warning(
                 "partial_fc: %d sampled centers per rank cannot hold the %d positives of a "
                 "global batch; sampling %d", self.num_sample, local_labels.numel(), count,
