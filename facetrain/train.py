@@ -67,10 +67,12 @@ def train(cfg: DictConfig) -> dict:
         cfg.trainer, logger=loggers, callbacks=callbacks, plugins=[AtomicCheckpointIO()]
     )
     head = instantiate(cfg.loss)  # the margin; the class centers live in the classifier
-    classifier = instantiate(  # rank and world size from the trainer: stores may shard
-        cfg.classifier, embedding_size=backbone.embedding_size,
-        num_classes=datamodule.num_classes, margin=head, rank=trainer.global_rank,
-        world_size=trainer.world_size,
+    # Built outside instantiate, so that a loss the store cannot run (ClassifierError) reaches
+    # the user as one line, not wrapped in Hydra's instantiation error. Rank and world size come
+    # from the trainer: stores may shard.
+    classifier = instantiate(cfg.classifier, _partial_=True)(
+        embedding_size=backbone.embedding_size, num_classes=datamodule.num_classes, margin=head,
+        rank=trainer.global_rank, world_size=trainer.world_size,
     )
     model = FaceRecognitionModule(
         backbone,

@@ -102,6 +102,19 @@ def test_unknown_config_option_names_the_allowed_values(tmp_path):
     assert "arcface" in result.stderr and "softmax" in result.stderr
 
 
+@pytest.mark.slow
+def test_a_loss_partial_fc_cannot_run_is_one_clear_config_error(tiny_faces, tmp_path):
+    result = run_cli(
+        "train", *tiny_overrides(tiny_faces, tmp_path / "run"), "classifier=partial_fc",
+        "loss=softmax", "measure_baselines=false", cwd=tmp_path, timeout=300,
+    )
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1] == (
+        "facetrain: config error: loss Softmax (with these settings) runs on classifier=full "
+        "only, not classifier=partial_fc: its math needs more than the cosines to sampled centers"
+    )
+
+
 def test_missing_data_root_is_one_clear_error(tmp_path):
     missing = tmp_path / "no_such_folder"
     result = run_cli(
