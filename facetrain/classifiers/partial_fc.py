@@ -157,7 +157,7 @@ class PartialFC(ClassCenters):
     def cross_entropy(self, logits: torch.Tensor, c: CenterCosines) -> torch.Tensor:
         if is_distributed():
             return sharded_cross_entropy(logits, c.index)
-        return F.cross_entropy(logits, c.index.view(-1))
+        return super().cross_entropy(logits, c)  # one process holds every target column
 
     @torch.no_grad()
     def summarize(self, c: CenterCosines, margin: Margin, embeddings: torch.Tensor
