@@ -34,7 +34,9 @@ class CheckpointError(Exception):
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Write to ``<name>.tmp`` beside the target, then rename over it (atomic on POSIX).
+    """Write to ``<name>.tmp`` beside the target, flush it to disk (fsync), then rename it over
+    the target (atomic on POSIX) and fsync the folder: a process killed at any point, or a
+    machine that loses power, leaves the previous checkpoint whole.
 
     Remote paths (``s3://`` and other fsspec URLs) go to Lightning's own writer unchanged.
     """
@@ -43,12 +45,25 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if not _is_local_file_protocol(str(path)):
             return super().save_checkpoint(checkpoint, path, storage_options)
         path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
         temporary = path.with_name(path.name + ".tmp")
         try:
-            super().save_checkpoint(checkpoint, temporary, storage_options)
+            with open(temporary, "wb") as file:
+                torch.save(checkpoint, file)
+                file.flush()
+                os.fsync(file.fileno())
             os.replace(temporary, path)
+            _fsync_folder(path.parent)  # makes the rename itself durable
         finally:
             temporary.unlink(missing_ok=True)
+
+
+def _fsync_folder(folder: Path) -> None:
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def describe_model(cfg: DictConfig, embedding_size: int, num_classes: int) -> dict:

@@ -1,6 +1,11 @@
 """One training run from a composed ``train`` config: build data, backbone, head and trainer,
 train, and report verification accuracy (also written to ``metrics.json`` in the run folder).
-The command line (``python train.py [overrides]``) is ``facetrain.cli.train``."""
+The command line (``python train.py [overrides]``) is ``facetrain.cli.train``.
+
+A run resumes by itself when its folder already holds checkpoints (``facetrain.resume``), and
+stops on a signal with a checkpoint saved (``facetrain.preemption``): ``metrics.json`` then says
+``"status": "interrupted"`` (SIGTERM, Ctrl-C) or ``"requeued"`` (SLURM's USR1/USR2 warning).
+"""
 
 import json
 import logging
@@ -9,6 +14,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
+from lightning_fabric.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig
 from torch import nn
 
@@ -16,6 +22,8 @@ from facetrain.checkpoint import AtomicCheckpointIO, describe_model
 from facetrain.data import LoadFailureReport
 from facetrain.evaluation import evaluate_pairs
 from facetrain.module import FaceRecognitionModule
+from facetrain.preemption import Interrupted, Preemption
+from facetrain.resume import CHECKPOINT_FOLDER, RandomState, resume_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +58,8 @@ def train(cfg: DictConfig) -> dict:
     """Run one training job from a composed config; return the final metrics."""
     pl.seed_everything(cfg.seed, workers=True)
     output_dir = Path(HydraConfig.get().runtime.output_dir)
+    # Before anything is built: a checkpoint that holds pickled code is refused unread.
+    ckpt_path = resume_checkpoint(cfg.ckpt_path, cfg.get("resume"), output_dir)
 
     backbone = instantiate(cfg.backbone)  # a bad model config fails before data is touched
     datamodule = instantiate(cfg.data)
@@ -63,9 +73,12 @@ def train(cfg: DictConfig) -> dict:
         instantiate(c) for name, c in cfg.callbacks.items() if loggers or name != "learning_rate"
     ]
     callbacks.append(LoadFailureReport())  # images that failed to decode, once per epoch
-    trainer = instantiate(
-        cfg.trainer, logger=loggers, callbacks=callbacks, plugins=[AtomicCheckpointIO()]
-    )
+    preemption = Preemption(output_dir / CHECKPOINT_FOLDER)
+    callbacks += [RandomState(), preemption]
+    plugins = [AtomicCheckpointIO()]
+    if SLURMEnvironment.detect():  # facetrain.preemption requeues; Lightning's own must not too
+        plugins.append(SLURMEnvironment(auto_requeue=False))
+    trainer = instantiate(cfg.trainer, logger=loggers, callbacks=callbacks, plugins=plugins)
     head = instantiate(cfg.loss)  # the margin; the class centers live in the classifier
     # Built outside instantiate, so that a loss the store cannot run (ClassifierError) reaches
     # the user as one line, not wrapped in Hydra's instantiation error. Rank and world size come
@@ -84,12 +97,22 @@ def train(cfg: DictConfig) -> dict:
         **cfg.model,
     )
 
-    metrics: dict = {}
-    if cfg.measure_baselines and cfg.ckpt_path is None and datamodule.verification_sets:
+    metrics: dict = {"status": "finished"}
+    if ckpt_path is not None:
+        metrics["resumed_from"] = str(ckpt_path)
+    elif cfg.measure_baselines and datamodule.verification_sets:
         metrics["baselines"] = measure_baselines(model, datamodule, trainer)
     # weights_only: a resumed checkpoint holds tensors and plain containers only (never pickled
     # objects that could run code); the module's on_load_checkpoint checks it fits this model.
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
+    interrupted = None
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    except Interrupted as stop:
+        interrupted = stop
+        metrics.update(status="requeued" if stop.requeue else "interrupted",
+                       signal=stop.signal_name, checkpoint=str(stop.checkpoint))
+        if stop.requeue:
+            metrics["requeue"] = preemption.requeue_method(stop)
 
     checkpoint = trainer.checkpoint_callback
     metrics.update(
@@ -107,6 +130,14 @@ def train(cfg: DictConfig) -> dict:
     )
     if trainer.is_global_zero:  # one file, one report (verification is the same on every rank)
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        log.info("final verification accuracy (10-fold):\n%s", report(metrics))
+        if interrupted is None:
+            log.info("final verification accuracy (10-fold):\n%s", report(metrics))
         log.info("run folder: %s", output_dir)
+    if interrupted is not None and interrupted.requeue:
+        log.info("%s: requeue: %s", interrupted.signal_name, metrics["requeue"])
+        preemption.requeue(interrupted, trainer.is_global_zero)
+    elif interrupted is not None:
+        log.warning("interrupted by %s at step %d; checkpoint %s. Run the same command again "
+                    "(or resume=%s) to continue", interrupted.signal_name, interrupted.step,
+                    interrupted.checkpoint, output_dir)
     return metrics

@@ -2,12 +2,14 @@
 one training run from the ``train`` config (see ``facetrain.train.train``)."""
 
 import logging
+import signal
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from facetrain.classifiers import ClassifierError
 from facetrain.cli import silence_library_noise, user_errors
+from facetrain.cluster import set_threads_from_slurm  # also registers the run-folder resolver
 from facetrain.resources import config_dir
 from facetrain.train import train
 
@@ -18,8 +20,11 @@ log = logging.getLogger(__name__)
 def main(cfg: DictConfig) -> None:
     silence_library_noise()
     log.debug("config:\n%s", OmegaConf.to_yaml(cfg))
+    set_threads_from_slurm()  # before the Trainer: its DDP launcher keeps a set OMP_NUM_THREADS
     with user_errors("facetrain", config=ClassifierError):
-        train(cfg)
+        metrics = train(cfg)
+    if metrics.get("status") == "interrupted":  # SIGTERM, Ctrl-C: saved; exit as the shell does
+        raise SystemExit(128 + getattr(signal, metrics["signal"]))
 
 
 if __name__ == "__main__":

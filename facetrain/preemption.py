@@ -1,0 +1,144 @@
+"""Stopping on a signal without losing work: save a checkpoint at the next step boundary, then
+requeue the job (SLURM's warning before a time limit or a preemption) or stop (``kill``,
+Ctrl-C).
+
+- SIGUSR1 / SIGUSR2: the requeue signals. SLURM sends one ahead of the time limit when asked
+  (``sbatch --signal=USR2@90``, submitit's ``signal_delay_s``); submitit listens on USR2 because
+  NCCL may catch USR1. Both mean: save, requeue, exit; the requeued job resumes from the saved
+  checkpoint by itself (``facetrain.resume``).
+- SIGTERM / SIGINT: save, write ``metrics.json`` saying the run was interrupted, exit cleanly.
+  A second Ctrl-C stops at once.
+
+Handlers only note the signal; the work happens between steps, where every rank is at the same
+step and the weights are whole. Ranks agree on it with one small all-reduce per step (a signal
+may reach one rank only, or the ranks at different steps), then save together (saving is
+collective) and stop together.
+
+Who requeues: when submitit started the job its USR2 handler is already installed, and it is
+called after the save (it resubmits the job through submitit and exits). Otherwise, under SLURM,
+rank 0 runs ``scontrol requeue``. Lightning's own SLURM requeue (USR1, saving from inside the
+signal handler, mid-step) is switched off by ``facetrain.train`` so the two never both act.
+"""
+
+import logging
+import os
+import re
+import signal
+import subprocess
+import threading
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from pytorch_lightning import Callback, LightningModule, Trainer
+
+log = logging.getLogger(__name__)
+
+REQUEUE_SIGNALS = ("SIGUSR1", "SIGUSR2")
+STOP_SIGNALS = ("SIGTERM", "SIGINT")
+
+
+class Interrupted(Exception):  # noqa: N818 - a stop the user asked for, not an error
+    """Raised between steps after the checkpoint is written: ends ``trainer.fit`` at once (no
+    validation or end-of-epoch work on a partial epoch)."""
+
+    def __init__(self, signal_name: str, step: int, checkpoint: Path):
+        self.signal_name, self.step, self.checkpoint = signal_name, step, checkpoint
+        super().__init__(f"{signal_name} at step {step}: saved {checkpoint}")
+
+    @property
+    def requeue(self) -> bool:
+        return self.signal_name in REQUEUE_SIGNALS
+
+
+class Preemption(Callback):
+    """Handle the requeue and stop signals during training (see the module docstring):
+    ``dirpath``/``filename`` is where the checkpoint goes (the run's ``last.ckpt``, the file a
+    resume picks first)."""
+
+    def __init__(self, dirpath: str, filename: str = "last.ckpt"):
+        self.path = Path(dirpath) / filename
+        self._received: int | None = None
+        self._replaced: dict[int, object] = {}  # signal -> the handler ours replaced
+        self._installed = False
+
+    # -- signal handlers -----------------------------------------------------------------
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # After Lightning installed its own (at the start of fit), so ours are the ones called.
+        if threading.current_thread() is not threading.main_thread():
+            log.warning("training outside the main thread: signals are not handled")
+            return
+        for name in REQUEUE_SIGNALS + STOP_SIGNALS:
+            number = getattr(signal, name)
+            self._replaced[number] = signal.signal(number, self._note)
+        self._installed = True
+
+    def _note(self, number: int, frame) -> None:
+        if self._received == signal.SIGINT and number == signal.SIGINT:
+            raise KeyboardInterrupt  # Ctrl-C twice: the user does not want to wait
+        if self._received is None or number in _numbers(REQUEUE_SIGNALS):
+            self._received = number  # a requeue request wins over the TERM that may follow
+        log.info("received %s: saving a checkpoint after this step", signal.Signals(number).name)
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self._installed:  # kept in _replaced: requeue() calls submitit's after fit
+            for number, handler in self._replaced.items():
+                signal.signal(number, handler)
+            self._installed = False
+
+    # -- between steps -------------------------------------------------------------------
+    def on_train_batch_end(self, trainer: Trainer, pl_module, outputs, batch, batch_idx) -> None:
+        number = self._agreed(trainer)
+        if not number:
+            return
+        trainer.save_checkpoint(self.path)  # every rank: the contents are gathered collectively
+        name = signal.Signals(number).name
+        log.warning("%s: saved %s at step %d", name, self.path, trainer.global_step)
+        raise Interrupted(name, trainer.global_step, self.path)
+
+    def _agreed(self, trainer: Trainer) -> int:
+        """The signal any rank received (the highest number if several), 0 for none."""
+        received = self._received or 0
+        if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
+            flag = torch.tensor([received], device=trainer.strategy.root_device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            received = int(flag.item())
+        return received
+
+    # -- after fit -----------------------------------------------------------------------
+    def requeue_method(self, interrupted: Interrupted) -> str:
+        """How ``requeue`` will requeue the job, in words (for metrics.json and the log)."""
+        if _is_submitit_handler(self._replaced.get(getattr(signal, interrupted.signal_name))):
+            return "submitit"
+        job = _slurm_job_id()
+        if job is None:
+            return "none: not a SLURM job; run the same command again to resume"
+        return f"scontrol requeue {job}"
+
+    def requeue(self, interrupted: Interrupted, is_global_zero: bool) -> None:
+        """Requeue the job after an ``Interrupted`` by a requeue signal (``requeue_method``)."""
+        number = getattr(signal, interrupted.signal_name)
+        method = self.requeue_method(interrupted)
+        if method == "submitit":  # resubmits through submitit, then exits the process
+            self._replaced[number](number, None)
+        elif method.startswith("scontrol") and is_global_zero:
+            result = subprocess.run(method.split(), capture_output=True, text=True)
+            if result.returncode:
+                log.error("%s failed: %s; resume by hand with resume=<run folder>", method,
+                          result.stderr.strip())
+
+
+def _numbers(names) -> set[int]:
+    return {getattr(signal, name) for name in names}
+
+
+def _is_submitit_handler(handler) -> bool:
+    owner = getattr(handler, "__self__", None)
+    return callable(handler) and type(owner).__module__.startswith("submitit")
+
+
+def _slurm_job_id() -> str | None:
+    array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
+    job = (f"{array_job}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array_job
+           else os.environ.get("SLURM_JOB_ID"))
+    return job if job and re.fullmatch(r"[0-9_]+", job) else None
