@@ -5,7 +5,6 @@ import math
 import fsspec
 import pytest
 import torch
-from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 from facetrain.checkpoint import AtomicCheckpointIO
 from facetrain.optim import warmup_cosine, warmup_multistep
@@ -85,12 +84,11 @@ def test_atomic_checkpoint_failure_leaves_existing_checkpoint_untouched(tmp_path
     io.save_checkpoint({"global_step": 1, "w": torch.ones(100)}, path)
     before = path.read_bytes()
 
-    def crashing_save(self, checkpoint, target, storage_options=None):
-        with open(target, "wb") as file:
-            file.write(b"PK\x03\x04 half a checkpoint")
+    def crashing_save(checkpoint, file):
+        file.write(b"PK\x03\x04 half a checkpoint")
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(TorchCheckpointIO, "save_checkpoint", crashing_save)
+    monkeypatch.setattr(torch, "save", crashing_save)
     with pytest.raises(RuntimeError, match="disk full"):
         io.save_checkpoint({"global_step": 2, "w": torch.zeros(100)}, path)
 
