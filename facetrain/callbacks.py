@@ -5,12 +5,16 @@
   thumbnails (PROJECTOR tab), every few epochs and after the last validation.
 - ``MarginHistograms``: per-sample target angle and best non-target angle during training
   (HISTOGRAMS tab): the two move apart as the margin works.
+- ``TrainingThroughput``: training images per second, per process and in total, on the progress
+  bar and as scalars (reads the clock and batch shapes only).
 
-They read what ``FaceRecognitionModule`` exposes: ``last_validation`` (per set: dataset,
+The first three read what ``FaceRecognitionModule`` exposes: ``last_validation`` (per set: dataset,
 embeddings, pair scores) and what ``training_step`` returns (the batch's embeddings, and its
 statistics on logging steps; else ``head_statistics(embeddings, labels)``). Without a TensorBoard
 logger they do nothing; only rank 0 writes.
 """
+
+import time
 
 import torch
 from pytorch_lightning import Callback, LightningModule, Trainer
@@ -143,3 +147,82 @@ class MarginHistograms(Callback):
         if trainer.is_global_zero:
             for name in ("theta_y", "theta_max_negative"):
                 writer.add_histogram(f"train/{name}_deg", stats[name], step - 1)
+
+
+class TrainingThroughput(Callback):
+    """Training images per second, the figure insightface arcface_torch prints as "Speed ...
+    samples/sec" (``utils_callbacks.CallBackLogging``: batch size per GPU × steps / seconds
+    since its last report, × world size).
+
+    At each logging step (``trainer.log_every_n_steps`` optimizer steps) it logs
+    ``train/images_per_second_per_process`` (images this process trained on since the previous
+    logging step, over the wall time between the two) and ``train/images_per_second`` (that ×
+    the world size: DDP ranks step in lockstep on equal batches, the samplers giving every rank
+    the same share), and shows the total on the progress bar as ``img/s``. The clock starts
+    at the first logging step after ``warmup_steps`` optimizer steps of each fit (first-step
+    allocations, autotuning, compilation, loader start-up) and stops during validation;
+    everything else a run does between steps (data loading, epoch turnover, checkpoint writes)
+    is training time, as in arcface_torch.
+
+    No host-device synchronisation is added: the callback reads ``time.perf_counter``, optimizer
+    step counts and the batch's shape (metadata), and logs CPU tensors, so nothing it does waits
+    for the accelerator. Its times are when the host got through a step; every window begins
+    and ends at the batch end of a logging step, so the host's lead over the device there (at
+    most about a step: Lightning reads the progress-bar values back after every batch) is the
+    same at both ends and cancels. Lightning's ``ThroughputMonitor`` instead calls
+    ``torch.cuda.synchronize()`` after every batch, writes past the progress bar and wants a
+    FLOP count.
+    """
+
+    def __init__(self, warmup_steps: int = 10):
+        if warmup_steps < 1:
+            raise ValueError(
+                f"TrainingThroughput needs warmup_steps >= 1 (the first step is never "
+                f"representative), got {warmup_steps}; to turn the throughput display off, drop "
+                f"the callback (~callbacks.throughput)"
+            )
+        self.warmup_steps = warmup_steps
+        self._reset(global_step=0)
+
+    def _reset(self, global_step: int) -> None:
+        self._steps = 0  # optimizer steps of this fit so far
+        self._last_global_step = global_step  # unchanged at a batch end: gradients accumulate
+        self._started: float | None = None  # when the window began; None during warm-up
+        self._images = 0  # images this process trained on since the window began
+        self._paused: float | None = None  # when the running validation began
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._reset(trainer.global_step)  # a resumed fit warms up again
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int
+    ) -> None:
+        now = time.perf_counter()
+        self._images += batch[0].shape[0]  # the images of an (images, labels) batch
+        if trainer.global_step == self._last_global_step:
+            return
+        self._last_global_step = trainer.global_step
+        self._steps += 1
+        # Lightning writes logged values at the optimizer steps that are multiples of this.
+        every = trainer.log_every_n_steps
+        if every == 0 or trainer.global_step % every:
+            return
+        if self._started is None:  # warming up: the first window begins at a logging step too
+            if self._steps >= self.warmup_steps:
+                self._started, self._images = now, 0
+            return
+        per_process = self._images / (now - self._started)
+        total = per_process * trainer.world_size
+        log = {"on_step": True, "on_epoch": False}
+        pl_module.log("train/images_per_second", torch.tensor(total), **log)
+        pl_module.log("train/images_per_second_per_process", torch.tensor(per_process), **log)
+        pl_module.log("img/s", torch.tensor(total), prog_bar=True, logger=False, **log)
+        self._started, self._images = now, 0
+
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._paused = time.perf_counter()
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._started is not None and self._paused is not None:
+            self._started += time.perf_counter() - self._paused
+        self._paused = None

@@ -1,19 +1,29 @@
 """The TensorBoard views (ROC figures, embedding projector, margin histograms) are written by
-``facetrain.callbacks`` from what the module exposes, and by nothing else; tiny in-memory fits."""
+``facetrain.callbacks`` from what the module exposes, and by nothing else; tiny in-memory fits.
+The training throughput is checked against steps whose duration the test sets, and a real
+two-process run against its own event times."""
 
 import ast
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
+from helpers import run_cli, tiny_overrides
 from PIL import Image
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from facetrain.callbacks import EmbeddingProjector, MarginHistograms, ROCFigures
+from facetrain.callbacks import (
+    EmbeddingProjector,
+    MarginHistograms,
+    ROCFigures,
+    TrainingThroughput,
+)
 from facetrain.classifiers import FullClassCenters
 from facetrain.heads import ArcFace
 from facetrain.module import FaceRecognitionModule
@@ -151,7 +161,139 @@ def test_callbacks_do_nothing_without_tensorboard(tmp_path):
 
 
 @pytest.mark.parametrize("callback", [lambda: EmbeddingProjector(samples=0),
-                                      lambda: MarginHistograms(every_n_steps=0)])
+                                      lambda: MarginHistograms(every_n_steps=0),
+                                      lambda: TrainingThroughput(warmup_steps=0)])
 def test_off_is_dropping_the_callback(callback):
     with pytest.raises(ValueError, match=r"drop the callback \(~callbacks\.\w+\)"):
         callback()
+
+
+# Throughput: steps of known duration. Micro-batches of TP_BATCH images sleep TP_STEP seconds
+# (the first TP_SLOW_STEPS optimizer steps TP_SLOW_STEP: warm-up), validation TP_VALIDATION.
+TP_BATCH, TP_ACCUMULATE, TP_STEPS_PER_EPOCH, TP_EPOCHS, TP_LOG_EVERY = 4, 2, 6, 2, 3
+TP_STEP, TP_SLOW_STEP, TP_SLOW_STEPS, TP_VALIDATION = 0.05, 0.5, 3, 1.0
+
+
+class SleepingSteps(pl.LightningModule):
+    """A module whose steps take at least as long as the test says (time.sleep)."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.Linear(3, 1)
+
+    def training_step(self, batch, batch_idx: int):
+        images, _ = batch
+        time.sleep(TP_SLOW_STEP if self.global_step < TP_SLOW_STEPS else TP_STEP)
+        loss = self.layer(images).mean()
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        time.sleep(TP_VALIDATION)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def test_throughput_is_images_over_the_window_of_steps_without_warm_up_or_validation(tmp_path):
+    images = TP_STEPS_PER_EPOCH * TP_ACCUMULATE * TP_BATCH
+    train = TensorDataset(torch.randn(images, 3), torch.zeros(images))
+    logger = TensorBoardLogger(tmp_path, name="", version="")
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, max_epochs=TP_EPOCHS, logger=logger,
+        callbacks=[TrainingThroughput(warmup_steps=2)], log_every_n_steps=TP_LOG_EVERY,
+        accumulate_grad_batches=TP_ACCUMULATE, num_sanity_val_steps=0,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(SleepingSteps(), DataLoader(train, batch_size=TP_BATCH),
+                DataLoader(TensorDataset(torch.zeros(1, 3)), batch_size=1))
+    events = read_events(Path(logger.log_dir))
+    total = events.Scalars("train/images_per_second")
+    per_process = events.Scalars("train/images_per_second_per_process")
+
+    # Warm-up ends at the first logging step after 2 optimizer steps (step 3); then every logging
+    # step (labelled, like Lightning's scalars, one below the optimizer steps taken).
+    steps = range(2 * TP_LOG_EVERY, TP_EPOCHS * TP_STEPS_PER_EPOCH + 1, TP_LOG_EVERY)
+    assert [e.step for e in total] == [s - 1 for s in steps] == [e.step for e in per_process]
+    assert [e.value for e in total] == [e.value for e in per_process]  # one process
+    # Each window holds TP_LOG_EVERY optimizer steps of TP_ACCUMULATE sleeping micro-batches:
+    # at most TP_BATCH / TP_STEP images per second, a little less for Lightning's own work. With
+    # the slow warm-up steps or the 1 s validation (inside the second window) counted, a window
+    # would fall to a third or less.
+    most = TP_BATCH / TP_STEP
+    for event in total:
+        assert 0.6 * most < event.value <= most * (1 + 1e-6), (event.step, event.value, most)
+    # The progress bar shows the total as img/s; TensorBoard has the two long names only.
+    assert trainer.progress_bar_metrics["img/s"] == pytest.approx(total[-1].value)
+    assert "train/images_per_second" not in trainer.progress_bar_metrics
+    assert "img/s" not in events.Tags()["scalars"]
+
+
+def test_throughput_reads_no_tensor_and_counts_every_process():
+    """The callback reads shapes only (a meta tensor has no data: reading one raises) and logs
+    CPU tensors, so it adds no host-device synchronisation; the total is this process's rate
+    times the world size. A stand-in trainer: only its step counters and world size are read."""
+    callback = TrainingThroughput(warmup_steps=1)
+    trainer = SimpleNamespace(global_step=0, log_every_n_steps=2, world_size=4)
+    logged = {}
+    module = SimpleNamespace(log=lambda name, value, **_: logged.__setitem__(name, value))
+    batch = (torch.empty(8, 3, 112, 112, device="meta"), torch.empty(8, device="meta"))
+    callback.on_train_start(trainer, module)
+    for step in range(1, 5):  # the window: from step 2's end (a logging step) to step 4's
+        trainer.global_step = step
+        if step == 2:
+            before_window = time.perf_counter()
+        callback.on_train_batch_end(trainer, module, None, batch, step - 1)
+        if step == 4:
+            after_window = time.perf_counter()
+        time.sleep(0.05)
+    assert set(logged) == {"train/images_per_second", "train/images_per_second_per_process",
+                           "img/s"}
+    assert all(value.device.type == "cpu" for value in logged.values())
+    per_process = logged["train/images_per_second_per_process"].item()
+    # steps 3 and 4: 16 images, in at least the two sleeps, at most the time around the calls
+    assert 16 / (after_window - before_window) <= per_process <= 16 / 0.1
+    assert logged["train/images_per_second"].item() == pytest.approx(4 * per_process)
+    assert logged["img/s"].item() == logged["train/images_per_second"].item()
+
+
+@pytest.mark.slow
+def test_two_process_run_logs_throughput_matching_its_event_times(tiny_faces, tmp_path):
+    """``python train.py trainer=ddp_cpu`` with the default callbacks: each window's rate is the
+    images both ranks trained on over the wall time between Lightning's own scalar writes at the
+    window's ends (less a validation inside it), and the total is twice the per-process rate."""
+    run_dir, batch, every, world = tmp_path / "run", 16, 3, 2
+    result = run_cli(
+        "train.py", *tiny_overrides(tiny_faces, run_dir), "trainer=ddp_cpu",
+        "trainer.max_epochs=2", f"trainer.log_every_n_steps={every}", "measure_baselines=false",
+        "data.image_size=[32,32]", f"data.batch_size={batch}",
+        "callbacks.throughput.warmup_steps=3", "~callbacks.projector", "~callbacks.histograms",
+        "~callbacks.roc", cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "img/s:" in result.stdout  # the progress bar
+    events = read_events(run_dir / "tensorboard")
+    total = events.Scalars("train/images_per_second")
+    per_process = events.Scalars("train/images_per_second_per_process")
+    written = {e.step: e.wall_time for e in events.Scalars("train/loss")}  # every logging step
+    validated = {e.step: e.wall_time for e in events.Scalars("val/accuracy")}
+
+    # 400 images, 200 a rank, 12 full batches a rank and epoch: 24 optimizer steps; windows of 3
+    # from the first logging step after the 3 warm-up steps (step 3, labelled 2).
+    steps_per_epoch = tiny_faces.num_train_identities * tiny_faces.images_per_train_identity
+    steps_per_epoch //= world * batch
+    labels = list(range(2 * every - 1, 2 * steps_per_epoch, every))
+    assert [e.step for e in total] == labels == [e.step for e in per_process]
+    for t, p in zip(total, per_process, strict=True):
+        assert t.value == pytest.approx(world * p.value, rel=1e-6)
+    # The validation ending epoch 1 starts right after step 12's scalars are written and ends
+    # when its own are; it lies inside the window (12, 15] and does not count.
+    (val_step,) = [s for s in validated if s < labels[-1]]
+    assert val_step == steps_per_epoch - 1 and val_step in written
+    for before, event in zip([labels[0] - every, *labels], total, strict=False):
+        seconds = written[event.step] - written[before]
+        if before <= val_step < event.step:
+            seconds -= validated[val_step] - written[val_step]
+        expected = world * batch * every / seconds
+        assert event.value == pytest.approx(expected, rel=0.15), (event.step, expected)
