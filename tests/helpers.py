@@ -13,6 +13,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict, read_write
 
+import facetrain.cluster  # noqa: F401  the config resolvers, registered as the train main does
 from facetrain.resources import config_dir
 
 REPO = Path(__file__).resolve().parent.parent
