@@ -10,7 +10,6 @@ from omegaconf import DictConfig, OmegaConf
 from facetrain.classifiers import ClassifierError
 from facetrain.cli import silence_library_noise, user_errors
 from facetrain.cluster import set_threads_from_slurm  # also registers the run-folder resolver
-from facetrain.cluster import set_threads_from_slurm  # also registers the run-folder resolver
 from facetrain.resources import config_dir
 from facetrain.train import train
 
@@ -21,7 +20,6 @@ log = logging.getLogger(__name__)
 def main(cfg: DictConfig) -> None:
     silence_library_noise()
     log.debug("config:\n%s", OmegaConf.to_yaml(cfg))
-    set_threads_from_slurm()  # before the Trainer: its DDP launcher keeps a set OMP_NUM_THREADS
     set_threads_from_slurm()  # before the Trainer: its DDP launcher keeps a set OMP_NUM_THREADS
     with user_errors("facetrain", config=ClassifierError):
         metrics = train(cfg)
