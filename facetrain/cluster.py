@@ -88,6 +88,13 @@ def set_threads_from_slurm() -> int | None:
     return threads
 
 
+def run_dir(resume: str | None, new_run_dir: str) -> str:
+    """``hydra.run.dir``: the folder of the run being continued (``resume=<run folder>``: its
+    checkpoints, TensorBoard curves and metrics.json carry on there), else ``new_run_dir``."""
+    return str(resume) if resume else new_run_dir
+
+
 # Cached as Hydra's own ${now:} is: one name per config, however often it is resolved.
 OmegaConf.register_new_resolver("facetrain.run_name", run_name, use_cache=True, replace=True)
+OmegaConf.register_new_resolver("facetrain.run_dir", run_dir, replace=True)
 OmegaConf.register_new_resolver("facetrain.gpus_per_node", gpus_per_node, replace=True)

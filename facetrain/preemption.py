@@ -21,8 +21,6 @@ signal handler, mid-step) is switched off by ``facetrain.train`` so the two neve
 """
 
 import logging
-import os
-import re
 import signal
 import subprocess
 import threading
@@ -31,6 +29,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from pytorch_lightning import Callback, LightningModule, Trainer
+
+from facetrain.cluster import slurm_job_name
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ class Preemption(Callback):
         """How ``requeue`` will requeue the job, in words (for metrics.json and the log)."""
         if _is_submitit_handler(self._replaced.get(getattr(signal, interrupted.signal_name))):
             return "submitit"
-        job = _slurm_job_id()
+        job = slurm_job_name()
         if job is None:
             return "none: not a SLURM job; run the same command again to resume"
         return f"scontrol requeue {job}"
@@ -135,10 +135,3 @@ def _numbers(names) -> set[int]:
 def _is_submitit_handler(handler) -> bool:
     owner = getattr(handler, "__self__", None)
     return callable(handler) and type(owner).__module__.startswith("submitit")
-
-
-def _slurm_job_id() -> str | None:
-    array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
-    job = (f"{array_job}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array_job
-           else os.environ.get("SLURM_JOB_ID"))
-    return job if job and re.fullmatch(r"[0-9_]+", job) else None
