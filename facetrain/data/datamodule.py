@@ -12,7 +12,12 @@ from facetrain.data.folder import SCAN_WORKERS, IdentityFolderDataset
 from facetrain.data.images import DatasetError
 from facetrain.data.pairs import HeldOutPairs, open_verification_set
 from facetrain.data.record import RecordDataset, is_record_pack
-from facetrain.data.samplers import IdentityBalancedSampler, ShardedSequentialSampler
+from facetrain.data.resumable import ResumableDataLoader
+from facetrain.data.samplers import (
+    IdentityBalancedSampler,
+    ShardedSequentialSampler,
+    UniformShuffleSampler,
+)
 from facetrain.data.synthetic import SyntheticFaces
 from facetrain.data.transforms import build_transform
 
@@ -34,7 +39,9 @@ class FaceDataModule(pl.LightningDataModule):
     ``exclude_identities``, ``heldout_identities``, ``index_cache``, ``scan_workers``) are those of
     ``IdentityFolderDataset``; held-out identities become a verification set named ``heldout``
     of ``heldout_pairs`` pairs. ``sampler`` (a partial ``IdentityBalancedSampler``, given
-    ``labels`` and ``batch_size`` here) replaces the uniform shuffle.
+    ``labels`` and ``batch_size`` here) replaces the uniform shuffle (``UniformShuffleSampler``).
+    The training loader (``ResumableDataLoader``) resumes in the middle of an epoch with the same
+    batches and augmentations; its position is the trainer's count of processed batches.
 
     Training images that fail to decode (each replaced by the next image) are counted in every
     DataLoader worker; ``load_failures`` reports them to this process and ``LoadFailureReport``
@@ -152,26 +159,40 @@ class FaceDataModule(pl.LightningDataModule):
     def _named(self, count: int, first: list[int]) -> dict:
         return {"count": count, "first": [self.train_set.sample_name(i) for i in first]}
 
-    def _loader(self, dataset, batch_size: int, train: bool, sampler=None) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=train and sampler is None,
-            sampler=sampler,
-            drop_last=train,  # a tiny last batch gives noisy BatchNorm statistics
+    def _worker_options(self) -> dict:
+        return dict(
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
         )
 
-    def train_dataloader(self) -> DataLoader:
-        sampler = None
+    def _loader(self, dataset, batch_size: int, sampler) -> DataLoader:
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, **self._worker_options())
+
+    def train_dataloader(self) -> ResumableDataLoader:
+        """Full batches (a tiny last batch gives noisy BatchNorm statistics) of the uniform
+        shuffle or the configured sampler; under a Trainer this rank's share in its world."""
+        world, progress = {}, None  # no Trainer: torch.distributed's world, if initialised
+        if self.trainer is not None:
+            world = dict(num_replicas=self.trainer.world_size, rank=self.trainer.global_rank)
+            progress = self._train_batches_processed
         if self.sampler is not None:
-            world = {}  # under a Trainer its world; otherwise torch.distributed's, if initialised
-            if self.trainer is not None:
-                world = dict(num_replicas=self.trainer.world_size, rank=self.trainer.global_rank)
             sampler = self.sampler(self.train_set.labels, batch_size=self.batch_size, **world)
-        return self._loader(self.train_set, self.batch_size, train=True, sampler=sampler)
+        else:
+            sampler = UniformShuffleSampler(self.train_set, self.batch_size, **world)
+        if self.trainer is not None:
+            # Lightning iterates the loader it is given before its set_epoch (FitLoop.setup_data:
+            # resuming after an epoch's end, reload_dataloaders_every_n_epochs): start in the
+            # epoch it will train, the count of processed epochs it passes set_epoch.
+            sampler.set_epoch(self.trainer.fit_loop.epoch_progress.current.processed)
+        # Keywords: Lightning replaces the sampler by name (trainer.overfit_batches).
+        return ResumableDataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler,
+                                   progress=progress, **self._worker_options())
+
+    def _train_batches_processed(self) -> int:
+        """Batches of the current epoch the trainer has finished: where a checkpoint saved now
+        resumes (the loader itself is a prefetched batch ahead)."""
+        return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
 
     def val_dataloader(self) -> list[DataLoader]:
         """This rank's share of each verification set under a Trainer (the whole sets on one
@@ -185,8 +206,7 @@ class FaceDataModule(pl.LightningDataModule):
         """One loader per verification set reading rank ``rank``'s share of its images (of
         ``num_replicas``): every image on exactly one rank (``ShardedSequentialSampler``)."""
         return [
-            self._loader(s, self.eval_batch_size, train=False,
-                         sampler=ShardedSequentialSampler(s, num_replicas, rank))
+            self._loader(s, self.eval_batch_size, ShardedSequentialSampler(s, num_replicas, rank))
             for s in self.verification_sets
         ]
 
