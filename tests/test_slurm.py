@@ -196,21 +196,35 @@ def test_slurm_launcher_refuses_devices_auto_in_one_line():
     assert cfg.hydra.launcher.tasks_per_node == cfg.hydra.launcher.gpus_per_node == 8
 
 
-@pytest.mark.slow  # one real epoch through a submitit job (~20 s on 2 cores)
-def test_local_launcher_trains_in_the_sweeps_job_folder(tiny_faces, tmp_path):
+@pytest.mark.slow  # one real epoch through a submitit job, requeued once (~40 s on 2 cores)
+def test_local_launcher_job_is_requeued_on_usr2_and_resumes_in_its_folder(
+    tiny_faces, tmp_path, monkeypatch
+):
+    """A submitit job sent USR2 (SLURM's warning before the time limit) at step 12: facetrain
+    saves last.ckpt, hands the signal to submitit's handler, which requeues the job; the
+    requeued job runs in the same sweep job folder, resumes at step 13 by itself and finishes
+    the epoch."""
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent), prepend=os.pathsep)
     sweep = tmp_path / "sweep"
+    steps = tmp_path / "steps.jsonl"
     overrides = [o for o in tiny_overrides(tiny_faces, tmp_path / "unused")
                  if not o.startswith("hydra.run.dir=")]
     result = run_cli(
         "train.py", "-m", "hydra/launcher=local", f"hydra.sweep.dir={sweep}", *overrides,
         "trainer.max_epochs=1", "measure_baselines=false", "~callbacks.projector",
+        "+callbacks.kill._target_=step_probe.SignalAtStep", "+callbacks.kill.step=12",
+        "+callbacks.kill.signal=SIGUSR2",
+        "+callbacks.probe._target_=step_probe.RecordBatches", f"+callbacks.probe.file={steps}",
         cwd=tmp_path,
     )
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    logs = "".join(p.read_text() for p in sweep.glob(".submitit/*/*_0_log.*"))
+    assert "Caught signal SIGUSR2" in logs and "Requeued job" in logs, logs[-3000:]
     metrics = json.loads((sweep / "0" / "metrics.json").read_text())
-    assert metrics["epochs"] == 1 and metrics["verification"]
-    assert (sweep / "0" / "checkpoints" / "last.ckpt").is_file()
-    assert list(sweep.glob(".submitit/*/*_0_log.out"))  # it ran as a submitit job
+    assert metrics["status"] == "finished" and metrics["epochs"] == 1 and metrics["verification"]
+    assert metrics["resumed_from"] == str(sweep / "0" / "checkpoints" / "last.ckpt")
+    trained = [json.loads(line)["step"] for line in steps.read_text().splitlines()]
+    assert trained == [*range(1, 13), *range(13, 26)]  # nothing re-done, nothing skipped
 
 
 # -- the sbatch templates -------------------------------------------------------------------
