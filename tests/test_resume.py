@@ -91,7 +91,8 @@ def test_run_killed_mid_epoch_resumes_exactly(tiny_faces, tmp_path, on_path):
     assert not (broken / "metrics.json").exists()
     resumed = train(tiny_faces, broken, *EXACT, *probe(tmp_path / "resumed.jsonl"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resuming from" in resumed.stderr and "not resumable" not in resumed.stderr
+    said = resumed.stdout + resumed.stderr
+    assert "resuming from" in said and "not resumable" not in said
 
     reference = read_batches(tmp_path / "whole.jsonl")
     first, second = read_batches(tmp_path / "first.jsonl"), read_batches(tmp_path / "resumed.jsonl")

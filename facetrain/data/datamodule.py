@@ -92,6 +92,8 @@ class FaceDataModule(pl.LightningDataModule):
         self.train_transform = build_transform(train_augmentations, image_size, mean, std)
         self.eval_transform = build_transform(eval_augmentations, image_size, mean, std)
         self.train_set: IdentityFolderDataset | RecordDataset | None = None
+        self._train_loader: ResumableDataLoader | None = None
+        self._loader_state_to_load: dict | None = None  # from a checkpoint, for the next loader
         self.verification_sets: list = []
 
     def prepare_data(self) -> None:
@@ -186,8 +188,25 @@ class FaceDataModule(pl.LightningDataModule):
             # epoch it will train, the count of processed epochs it passes set_epoch.
             sampler.set_epoch(self.trainer.fit_loop.epoch_progress.current.processed)
         # Keywords: Lightning replaces the sampler by name (trainer.overfit_batches).
-        return ResumableDataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler,
-                                   progress=progress, **self._worker_options())
+        loader = ResumableDataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler,
+                                     progress=progress, **self._worker_options())
+        if self._loader_state_to_load:
+            loader.load_state_dict(self._loader_state_to_load)
+            self._loader_state_to_load = None
+        self._train_loader = loader
+        return loader
+
+    def state_dict(self) -> dict:
+        """The train loader's position, also kept here: Lightning restores the copy it saves
+        with its loops only into a loader it builds after the restore, but the learning-rate
+        schedule's ``trainer.estimated_stepping_batches`` (in ``configure_optimizers``) builds
+        and iterates it before. The datamodule is restored first, so this copy reaches the
+        loader whenever it is built."""
+        loader = self._train_loader
+        return {"train_loader": loader.state_dict()} if loader is not None else {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._loader_state_to_load = state_dict.get("train_loader")
 
     def _train_batches_processed(self) -> int:
         """Batches of the current epoch the trainer has finished: where a checkpoint saved now
