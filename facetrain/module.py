@@ -1,6 +1,13 @@
 """The LightningModule: backbone → embedding → class centers + margin → cross-entropy. Wiring,
 optimisation and logging only; the model math lives in ``backbones/``, ``classifiers/`` and
-``heads/``."""
+``heads/``.
+
+Mixed precision (``trainer.precision=16-mixed`` or ``bf16-mixed``) is Lightning's: the backbone
+runs under autocast, the class-center stores turn autocast off and compute cosines, margins and
+cross-entropy in float32, and under 16-mixed Lightning's GradScaler scales the loss. What this
+module adds is that no step trains through a NaN: a step whose loss or gradients are not finite
+changes nothing (``model.nonfinite``, see ``on_before_optimizer_step``).
+"""
 
 import logging
 from collections.abc import Callable, Mapping
@@ -13,10 +20,27 @@ from torch import nn
 
 from facetrain.checkpoint import METADATA_KEY, check_resume, upgrade_state_dict
 from facetrain.classifiers import ClassCenters
-from facetrain.classifiers.distributed import all_gather_rows
+from facetrain.classifiers.distributed import all_gather_rows, all_reduce_sum, is_distributed
+from facetrain.data.images import DatasetError
 from facetrain.evaluation import embed, kfold_verification, pair_scores
 
 log = logging.getLogger(__name__)
+
+NONFINITE_POLICIES = ("skip", "stop")
+NONFINITE_KEY = "facetrain_nonfinite"  # the checkpoint's entry: the counts survive a resume
+RESUME_ADVICE = (
+    "lower optimizer.lr or add warm-up, then resume from the last good checkpoint in the run's "
+    "checkpoints/ folder with ckpt_path=..."
+)
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on as configured; the message says what to change (the command line
+    prints it as ``facetrain: training error: ...``, without a traceback)."""
+
+
+class NonFiniteError(TrainingError, FloatingPointError):
+    """The run stopped on non-finite losses or gradients (``model.nonfinite``)."""
 
 
 class ValidatedSet(NamedTuple):
@@ -25,6 +49,26 @@ class ValidatedSet(NamedTuple):
     dataset: Any  # name, pairs, same, identities; yields (image, image index)
     embeddings: torch.Tensor  # (images, D), placed by image index, gathered across ranks
     scores: np.ndarray  # cosine score of each pair
+
+
+def non_finite_tensors(tensors) -> torch.Tensor:
+    """How many devices hold a ``tensors`` element (None skipped) that is nan or inf: a (1,)
+    long tensor on the first one's device, no host sync. The GradScaler's own fused check (its
+    unscale by a factor of 1, which changes no value): one kernel per device; the largest
+    |value| (``get_total_norm(tensors, inf)``) takes ~15x as long on CPU."""
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for tensor in tensors:
+        if tensor is not None:
+            by_device.setdefault(tensor.device, []).append(tensor)
+    counts = []
+    for device, group in by_device.items():
+        found = torch.zeros(1, device=device)
+        torch._amp_foreach_non_finite_check_and_unscale_(group, found, torch.ones(1, device=device))
+        counts.append(found)
+    if not counts:
+        return torch.zeros(1, dtype=torch.long)
+    first = counts[0].device
+    return torch.stack([c.to(first) for c in counts]).sum(0).long()
 
 
 class FaceRecognitionModule(pl.LightningModule):
@@ -40,6 +84,13 @@ class FaceRecognitionModule(pl.LightningModule):
     be rebuilt and checked without the training config. What is shown (ROC figures, projector,
     histograms) is drawn by ``facetrain.callbacks`` from ``last_validation`` and
     ``head_statistics``; ``training_step`` returns the batch's embeddings beside the loss.
+
+    ``nonfinite``: what a step whose loss or gradients are not finite does. ``"skip"``: nothing
+    (no optimizer step, BatchNorm statistics and the margin's state put back), counted as
+    ``train/nonfinite_skipped`` with a warning naming the step; ``max_nonfinite_in_a_row`` such
+    steps in a row stop the run (``NonFiniteError``): it is diverging, not meeting a bad batch.
+    ``"stop"``: the first one stops the run. fp16 loss-scaling overflows are the GradScaler's
+    business (it skips the step and lowers its scale): counted as ``train/amp_overflow_steps``.
     """
 
     def __init__(
@@ -53,8 +104,16 @@ class FaceRecognitionModule(pl.LightningModule):
         flip_test: bool = True,
         channels_last: bool = False,
         description: Mapping | None = None,
+        nonfinite: str = "skip",
+        max_nonfinite_in_a_row: int = 5,
     ):
         super().__init__()
+        if nonfinite not in NONFINITE_POLICIES:
+            raise TrainingError(f"model.nonfinite must be skip or stop, got {nonfinite!r}")
+        if int(max_nonfinite_in_a_row) < 1:
+            raise TrainingError(
+                f"model.max_nonfinite_in_a_row must be at least 1, got {max_nonfinite_in_a_row}"
+            )
         self.backbone = backbone
         self.head = head
         self.classifier = classifier
@@ -62,7 +121,20 @@ class FaceRecognitionModule(pl.LightningModule):
             self._ddp_params_and_buffers_to_ignore = [
                 f"classifier.{name}" for name, _ in classifier.named_parameters()
             ]
-        self._first_non_finite: torch.Tensor | None = None  # step of the first bad loss, or -1
+        self.nonfinite, self.max_nonfinite_in_a_row = nonfinite, int(max_nonfinite_in_a_row)
+        self.nonfinite_skipped = 0  # steps skipped for a non-finite loss or gradient, in all
+        self.amp_overflow_steps = 0  # steps the fp16 GradScaler skipped (overflowed gradients)
+        self._nonfinite_in_a_row = 0
+        self._stopped: NonFiniteError | None = None  # why the run stopped: nothing is saved after
+        # The optimizer step in progress: [non-finite losses, non-finite embedding rows] of its
+        # forwards (device counts, read once in on_before_optimizer_step), its rows, its last
+        # forward's (embeddings, labels) for the warning's statistics.
+        self._step_flags: torch.Tensor | None = None
+        self._step_rows = 0
+        self._last_batch: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._buffer_snapshot: list[torch.Tensor] | None = None  # the buffers before the step
+        self._snapshot_due = True
+        self._labels_checked = False
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.weight_decay = dict(weight_decay or {"backbone": 5e-4, "head": 5e-4})
@@ -83,8 +155,17 @@ class FaceRecognitionModule(pl.LightningModule):
             return images.contiguous(memory_format=torch.channels_last)
         return images
 
+    def on_train_start(self) -> None:
+        self._buffer_snapshot, self._snapshot_due = None, True  # the model sits on its device now
+        self._check_clipping_sees_unscaled_gradients()
+
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         self.head.set_step(self.global_step)  # annealing counts optimizer steps, not forwards
+        if not self._labels_checked:
+            self._check_labels(batch[1])
+            self._labels_checked = True
+        if self.nonfinite == "skip" and self._snapshot_due:  # the step's first forward
+            self._snapshot_buffers()
 
     def _is_logging_step(self) -> bool:
         # Lightning writes logged values on the steps where (step + 1) % log_every_n_steps == 0.
@@ -92,6 +173,7 @@ class FaceRecognitionModule(pl.LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> dict:
         images, labels = batch
+        labels = labels.long()  # any integer dtype (checked on the first batch); gather takes int64
         embeddings = self.backbone(self._memory_format(images))
         logging = self._is_logging_step()
         output = self.classifier(embeddings, labels, self.head, statistics=logging)
@@ -100,7 +182,7 @@ class FaceRecognitionModule(pl.LightningModule):
         if extra is not None:
             self.log("train/head_extra_loss", extra)
             loss = loss + extra
-        self._check_finite(loss, logging)
+        self._note_forward(loss, embeddings, labels)
         self.log("train/loss", loss, prog_bar=True)
         for name, value in self.head.state_metrics().items():  # lambda, t, learnt scale, ...
             self.log(f"train/head_{name}", value)
@@ -109,26 +191,17 @@ class FaceRecognitionModule(pl.LightningModule):
         # embeddings and statistics for the callbacks' batch-end hooks (histograms)
         return {"loss": loss, "embeddings": embeddings.detach(), "statistics": output.statistics}
 
-    def _check_finite(self, loss: torch.Tensor, logging: bool) -> None:
-        """Remember the first step whose loss is not finite without reading the device (no
-        host sync); stop on the next logging step, naming that step."""
-        bad = ~torch.isfinite(loss.detach())
-        if self._first_non_finite is None:
-            self._first_non_finite = torch.full((), -1, dtype=torch.long, device=loss.device)
-        first = self._first_non_finite
-        self._first_non_finite = torch.where(bad & (first < 0), self.global_step, first)
-        if logging:
-            self._stop_if_non_finite()
-
-    def _stop_if_non_finite(self) -> None:
-        """Raise if a training loss so far was not finite (reads the device)."""
-        if self._first_non_finite is not None and self._first_non_finite >= 0:
-            raise FloatingPointError(
-                f"training loss is not finite (nan or inf) since step "
-                f"{int(self._first_non_finite)} (epoch {self.current_epoch}); lower optimizer.lr "
-                f"or add warm-up, then resume from the last good checkpoint in the run's "
-                f"checkpoints/ folder with ckpt_path=..."
-            )
+    def _note_forward(self, loss: torch.Tensor, embeddings: torch.Tensor, labels: torch.Tensor
+                      ) -> None:
+        """Count this forward's non-finite loss and embedding rows into the optimizer step's, on
+        the device: no host sync here (read once per step in ``on_before_optimizer_step``)."""
+        embeddings = embeddings.detach()
+        flags = torch.stack([
+            (~torch.isfinite(loss.detach())).sum(), (~torch.isfinite(embeddings)).any(dim=1).sum()
+        ])
+        self._step_flags = flags if self._step_flags is None else self._step_flags + flags
+        self._step_rows += embeddings.shape[0]
+        self._last_batch = (embeddings, labels)
 
     @torch.no_grad()
     def head_statistics(self, embeddings: torch.Tensor, labels: torch.Tensor) -> dict:
@@ -136,12 +209,20 @@ class FaceRecognitionModule(pl.LightningModule):
         degrees, and batch scalars (``ClassCenters.statistics``)."""
         return self.classifier.statistics(embeddings, labels, self.head)
 
+    @staticmethod
+    def _head_scalars(stats: dict) -> dict[str, torch.Tensor]:
+        """The batch scalars of ``head_statistics``, by their logged names."""
+        return {
+            "accuracy": stats["accuracy"],
+            "theta_y_deg": stats["theta_y"].mean(),
+            "theta_max_negative_deg": stats["theta_max_negative"].mean(),
+            "cos_max_negative": stats["cos_max_negative"],
+            "hard_negative_fraction": stats["hard_negative_fraction"],
+        }
+
     def _log_head_statistics(self, stats: dict) -> None:
-        self.log("train/accuracy", stats["accuracy"], prog_bar=True)
-        self.log("train/theta_y_deg", stats["theta_y"].mean())
-        self.log("train/theta_max_negative_deg", stats["theta_max_negative"].mean())
-        self.log("train/cos_max_negative", stats["cos_max_negative"])
-        self.log("train/hard_negative_fraction", stats["hard_negative_fraction"])
+        for name, value in self._head_scalars(stats).items():
+            self.log(f"train/{name}", value, prog_bar=name == "accuracy")
 
     def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         images, indices = batch
@@ -182,9 +263,17 @@ class FaceRecognitionModule(pl.LightningModule):
                  reduce_fx="max")
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # Weights made after a non-finite loss are not worth a file: stop before it is written,
-        # so last.ckpt stays the last good one (the next logging step may be epochs away).
-        self._stop_if_non_finite()
+        # Never a file of weights that are not good, so that the last checkpoint stays the last
+        # good one: none once the run stopped on non-finite steps (an exception callback may
+        # still try to save), and none of weights that are not finite themselves (a finite step
+        # can overshoot into inf; the steps after are skipped, but the weights are lost).
+        if self._stopped is not None:
+            raise self._stopped
+        self._check_weights_finite()
+        checkpoint[NONFINITE_KEY] = {
+            "skipped": self.nonfinite_skipped, "in_a_row": self._nonfinite_in_a_row,
+            "amp_overflow_steps": self.amp_overflow_steps,
+        }
         if self.description is not None:
             checkpoint[METADATA_KEY] = self.description
         if self.classifier.sharded:  # the centers' optimizer state, whole (see PartialFC)
@@ -192,6 +281,10 @@ class FaceRecognitionModule(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         upgrade_state_dict(checkpoint["state_dict"])
+        counts = checkpoint.get(NONFINITE_KEY, {})
+        self.nonfinite_skipped = counts.get("skipped", 0)
+        self._nonfinite_in_a_row = counts.get("in_a_row", 0)
+        self.amp_overflow_steps = counts.get("amp_overflow_steps", 0)
         if self.classifier.sharded:
             self._convert_center_state(
                 checkpoint, self.classifier.own_rows, rows=self.classifier.num_classes
@@ -218,21 +311,193 @@ class FaceRecognitionModule(pl.LightningModule):
                 for key, value in states[position].items()
             }
 
+    # -- no step trains through a NaN ------------------------------------------------------
+
+    def _loss_scaler(self) -> torch.amp.GradScaler | None:
+        """The GradScaler of 16-mixed (None under every other precision)."""
+        return getattr(self.trainer.precision_plugin, "scaler", None)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Let the step change the model only if its losses and gradients are finite.
+
+        Lightning calls this after the backward (and, under 16-mixed, after the GradScaler's
+        ``unscale_``), before clipping and the optimizer step. A non-finite step gets no update:
+        every gradient is set to None, so the optimizer skips every parameter (no step, no weight
+        decay, no momentum or Adam moment change), and the buffers the forward moved (BatchNorm
+        running statistics, the margin's running state) are put back. The learning-rate
+        schedule still advances, as when arcface_torch's GradScaler skips a step.
+
+        The decision reads the device once per step (a host sync, like the GradScaler's own
+        ``found_inf`` read every step under 16-mixed) and under DDP all-reduces four numbers
+        first (one small collective per step): every rank must decide alike, or the replicas and
+        their optimizer states diverge. Replicated gradients are already all-reduced here, but a
+        non-finite loss with finite gradients, or a non-finite Partial-FC shard gradient, shows
+        on one rank only.
+        """
+        if self._step_flags is None:  # no forward in this step
+            return
+        flags = torch.cat([
+            self._step_flags,
+            non_finite_tensors(p.grad for p in self.parameters()).to(self._step_flags.device),
+            self._step_flags.new_tensor([self._step_rows]),
+        ])
+        bad_loss, bad_rows, bad_gradients, rows = all_reduce_sum(flags).tolist()
+        self._step_flags, self._step_rows, self._snapshot_due = None, 0, True
+        if not bad_loss and not bad_gradients:
+            self._nonfinite_in_a_row = 0
+        elif not bad_loss and self._loss_scaler() is not None:
+            # fp16 loss scaling overflowed: the GradScaler skips this step and lowers its scale,
+            # its normal business (several times while the scale settles), not a failure. The
+            # gradients go too: a rank whose own scaler saw no overflow (a non-finite gradient
+            # in another rank's Partial-FC shard) must not step alone.
+            self.amp_overflow_steps += 1
+            self._drop_gradients()
+        else:
+            self._skip_or_stop(bool(bad_loss), int(bad_rows), int(rows))
+        if self._is_logging_step():
+            self.log("train/nonfinite_skipped", float(self.nonfinite_skipped))
+            if self._loss_scaler() is not None:
+                self.log("train/amp_overflow_steps", float(self.amp_overflow_steps))
+
+    def _skip_or_stop(self, bad_loss: bool, bad_rows: int, rows: int) -> None:
+        """A step whose loss (``bad_loss``) or else gradients are not finite; ``bad_rows`` of
+        the global batch's ``rows`` embeddings were not finite."""
+        self._nonfinite_in_a_row += 1
+        what = "loss is" if bad_loss else "gradients are"
+        epoch = self.current_epoch
+        if self.nonfinite == "stop" or self._nonfinite_in_a_row >= self.max_nonfinite_in_a_row:
+            first = self.global_step - self._nonfinite_in_a_row + 1
+            if self.nonfinite == "stop":
+                why = f"(epoch {epoch}; model.nonfinite=stop)"
+            else:
+                why = (f"(epoch {epoch}) on {self._nonfinite_in_a_row} steps in a row, each "
+                       f"skipped but the last (model.max_nonfinite_in_a_row="
+                       f"{self.max_nonfinite_in_a_row}): the run is diverging")
+            if self._loss_scaler() is not None:  # a float16 forward can overflow to inf
+                why += "; float16 activations may overflow: try trainer.precision=bf16-mixed"
+            self._stopped = NonFiniteError(
+                f"training {what} not finite (nan or inf) since step {first} {why}; {RESUME_ADVICE}"
+            )
+            raise self._stopped
+        self.nonfinite_skipped += 1
+        statistics = self._step_statistics()  # every rank: a collective under Partial-FC
+        if self.trainer.is_global_zero:
+            rows_note = (f"; {bad_rows} of the batch's {rows} embeddings not finite"
+                         + (" (check those images)" if bad_rows < rows else ""))
+            log.warning(
+                "step %d (epoch %d): training %s not finite (nan or inf)%s; skipped: no update, "
+                "BatchNorm and head state put back (%d in a row, the run stops at %d "
+                "[model.max_nonfinite_in_a_row]; %d skipped in all). Head at this step: %s",
+                self.global_step, epoch, what, rows_note if bad_rows else "",
+                self._nonfinite_in_a_row, self.max_nonfinite_in_a_row, self.nonfinite_skipped,
+                statistics,
+            )
+        self._restore_buffers()
+        self._drop_gradients()
+
+    def _step_statistics(self) -> str:
+        """The head's statistics and state on the step's last batch, for the skip warning."""
+        values = self._head_scalars(self.head_statistics(*self._last_batch))
+        values.update({f"head_{name}": value for name, value in self.head.state_metrics().items()})
+        return ", ".join(f"{name}={float(value):.4g}" for name, value in values.items())
+
+    def _drop_gradients(self) -> None:
+        for parameter in self.parameters():
+            parameter.grad = None
+
+    def _snapshot_buffers(self) -> None:
+        """Copy every buffer before the step's first forward: a skipped step puts them back, for
+        a forward on a bad batch has already moved them (one NaN image makes BatchNorm's running
+        statistics NaN; AdaFace's norm statistics and CurricularFace's t would follow). Device
+        copies, no host sync; buffers are a small fraction of the parameters."""
+        buffers = list(self.buffers())
+        if self._buffer_snapshot is None or len(self._buffer_snapshot) != len(buffers):
+            self._buffer_snapshot = [buffer.detach().clone() for buffer in buffers]
+        elif buffers:
+            torch._foreach_copy_(self._buffer_snapshot, buffers)
+        self._snapshot_due = False
+
+    @torch.no_grad()
+    def _restore_buffers(self) -> None:
+        buffers = list(self.buffers())
+        if buffers and self._buffer_snapshot is not None:
+            torch._foreach_copy_(buffers, self._buffer_snapshot)
+
+    def _check_weights_finite(self) -> None:
+        """Stop (``NonFiniteError``) if a parameter or buffer is not finite: before a checkpoint
+        is written. Every rank saves together, so the verdict is all-reduced (shards differ)."""
+        named = [*self.named_parameters(), *self.named_buffers()]
+        named = [(name, t) for name, t in named if t.is_floating_point() or t.is_complex()]
+        if not named:
+            return
+        finite = torch.stack([torch.isfinite(t.detach()).all() for _, t in named])
+        bad = [name for (name, _), ok in zip(named, finite.tolist(), strict=True) if not ok]
+        if all_reduce_sum(torch.tensor([len(bad)], device=finite.device)).item():
+            shown = ", ".join(bad[:3]) + (", ..." if len(bad) > 3 else "") or "on another rank"
+            self._stopped = NonFiniteError(
+                f"not saving a checkpoint at step {self.global_step}: the model's weights are not "
+                f"finite ({shown}), training diverged; {RESUME_ADVICE}"
+            )
+            raise self._stopped
+
+    def _check_labels(self, labels: torch.Tensor) -> None:
+        """Once, on the first training batch: the labels must be integer class indices the
+        classifier holds. A float label (DALI-style loaders yield them) would fail deep inside
+        the loss, and one past the class count trains on a wrong or missing class. Reads the
+        device once; under DDP every rank checks the global extremes, so all stop alike."""
+        dtype = labels.dtype
+        if dtype.is_floating_point or dtype.is_complex or dtype == torch.bool:
+            raise DatasetError(
+                f"training labels must be integer class indices, got {dtype} labels (the first "
+                f"is {labels.flatten()[0].item()!r}): make the training loader yield integer "
+                f"labels (a loader giving float labels, as DALI does, needs labels.long())"
+            )
+        if labels.numel() == 0:
+            return
+        extremes = torch.stack([labels.min(), labels.max()]).long()
+        if is_distributed():
+            gathered = all_gather_rows(extremes.view(1, 2))
+            extremes = torch.stack([gathered[:, 0].min(), gathered[:, 1].max()])
+        low_outside, high_outside = self.classifier.labels_outside(extremes).tolist()
+        if low_outside or high_outside:
+            classes = self.classifier.num_classes
+            raise DatasetError(
+                f"training label {int(extremes[0] if low_outside else extremes[1])} is not a "
+                f"class index in [0, {classes}): the classifier has {classes} classes (counted "
+                f"in the training data); the training loader must give labels 0 to {classes - 1}"
+            )
+
+    def _check_clipping_sees_unscaled_gradients(self) -> None:
+        """Under 16-mixed the GradScaler unscales the gradients before clipping, unless the
+        optimizer unscales inside its own step (``fused=True``): clipping would then cut the
+        scaled gradients (Lightning refuses it too)."""
+        if not self.trainer.gradient_clip_val or self._loss_scaler() is None:
+            return
+        for optimizer in self.trainer.optimizers:
+            if getattr(optimizer, "_step_supports_amp_scaling", False):
+                raise TrainingError(
+                    f"trainer.gradient_clip_val={self.trainer.gradient_clip_val} needs unscaled "
+                    f"gradients, but {type(optimizer).__name__}(fused=True) unscales inside its "
+                    f"step under trainer.precision=16-mixed: set optimizer.fused=false, or "
+                    f"trainer.gradient_clip_val=null"
+                )
+
     def configure_gradient_clipping(
         self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
     ) -> None:
-        if not self.classifier.sharded or gradient_clip_val is None:
-            return super().configure_gradient_clipping(
-                optimizer, gradient_clip_val, gradient_clip_algorithm
-            )
-        # Clip the replicated parameters only: a norm taken over per-rank shards would differ
-        # between ranks and make the replicas diverge.
-        replicated = [p for name, p in self.named_parameters()
-                      if not name.startswith("classifier.") and p.grad is not None]
+        # What arcface_torch clips: the backbone's gradient (clip_grad_norm_(backbone, 5)), not
+        # the class centers' or the margin's. One rule for every class-center store, and the
+        # sharded-centers rule with it: the backbone is replicated and its gradient all-reduced,
+        # so its norm is the same on every rank, while a norm over per-rank Partial-FC shards
+        # would differ between ranks and make the replicas diverge. A skipped step has no
+        # gradients left: nothing to clip.
+        if not gradient_clip_val:
+            return
+        gradients = [p for p in self.backbone.parameters() if p.grad is not None]
         if gradient_clip_algorithm == "value":
-            torch.nn.utils.clip_grad_value_(replicated, gradient_clip_val)
+            torch.nn.utils.clip_grad_value_(gradients, gradient_clip_val)
         else:
-            torch.nn.utils.clip_grad_norm_(replicated, gradient_clip_val)
+            torch.nn.utils.clip_grad_norm_(gradients, gradient_clip_val)
 
     def _verification_datasets(self) -> list:
         loaders = self.trainer.val_dataloaders

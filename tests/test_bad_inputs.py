@@ -226,7 +226,7 @@ def test_non_finite_loss_stops_naming_the_step_and_the_last_checkpoint_stays_goo
     head = ArcFace()
     module = FaceRecognitionModule(
         NaNAfter(bad_forward=5), head, FullClassCenters(8, 3, head),
-        optimizer=lambda groups: torch.optim.SGD(groups, lr=0.1),
+        optimizer=lambda groups: torch.optim.SGD(groups, lr=0.1), nonfinite="stop",
     )
     checkpoints = tmp_path / "checkpoints"
     trainer = pl.Trainer(

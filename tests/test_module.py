@@ -40,11 +40,13 @@ def test_parameter_groups_get_their_own_weight_decay():
 
 
 def test_non_finite_loss_stops_with_advice():
-    module = arcface_module(Constant(float("nan")))
-    module.trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, log_every_n_steps=1)
-    batch = (torch.zeros(2, 3, 8, 8), torch.tensor([0, 1]))
+    module = arcface_module(Constant(float("nan")), nonfinite="stop")
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, log_every_n_steps=1,
+                         max_steps=1, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False)
+    data = torch.utils.data.TensorDataset(torch.zeros(2, 3, 8, 8), torch.tensor([0, 1]))
     with pytest.raises(FloatingPointError, match="lower optimizer.lr"):
-        module.training_step(batch, 0)
+        trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=2))
 
 
 def test_validation_embeddings_are_placed_by_image_index():
@@ -133,3 +135,273 @@ def test_checkpoints_from_before_the_class_center_split_still_load():
     module.load_state_dict(checkpoint["state_dict"])
     assert torch.equal(module.classifier.weight, old["head.weight"])
     assert torch.equal(module.classifier.bias, old["head.bias"])
+
+
+# --- no step trains through a NaN (model.nonfinite) -------------------------------------------
+
+
+class SmallNet(nn.Module):
+    """Linear + BatchNorm: a forward on a NaN image makes the running statistics NaN."""
+
+    embedding_size = 8
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.Sequential(nn.Flatten(), nn.Linear(48, 8), nn.BatchNorm1d(8))
+
+    def forward(self, images):
+        return self.layers(images)
+
+
+def nonfinite_module(head=None, backbone=None, **options) -> FaceRecognitionModule:
+    """A module with every kind of state a step moves: BatchNorm statistics, AdaFace's norm
+    statistics, SGD momentum and weight decay."""
+    from facetrain.heads import AdaFace
+
+    torch.manual_seed(0)
+    head = head or AdaFace()
+    return FaceRecognitionModule(
+        backbone or SmallNet(), head, FullClassCenters(8, 5, head),
+        optimizer=lambda groups: torch.optim.SGD(groups, lr=0.1, momentum=0.9), **options,
+    )
+
+
+def fit(module, steps: int, nan_steps=(), callbacks=(), labels=None, **trainer_options):
+    """Train ``module`` for ``steps`` steps of 4 fixed samples each; the batches of
+    ``nan_steps`` get a NaN image (tests/nonfinite_probe.py)."""
+    from nonfinite_probe import BadBatches
+
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(4 * steps, 3, 4, 4, generator=generator)
+    labels = torch.arange(4 * steps) % 5 if labels is None else labels
+    trainer = pl.Trainer(
+        accelerator="cpu", max_steps=steps, log_every_n_steps=1, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        callbacks=[BadBatches(nan_steps), *callbacks], **trainer_options,
+    )
+    data = torch.utils.data.TensorDataset(images, labels)
+    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=4))
+    return trainer
+
+
+class StateAtStepStart(pl.Callback):
+    """Copies of every parameter, buffer and optimizer state tensor at the start of each step
+    (before the module's own batch-start hook)."""
+
+    def __init__(self):
+        self.states: dict[int, dict[str, torch.Tensor]] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        state = {f"model.{k}": v.clone() for k, v in pl_module.state_dict().items()}
+        for index, values in trainer.optimizers[0].state_dict()["state"].items():
+            state.update({f"optimizer.{index}.{k}": torch.as_tensor(v).clone()
+                          for k, v in values.items()})
+        self.states[trainer.global_step] = state
+
+
+def same_state(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_non_finite_step_is_skipped_and_changes_nothing(caplog):
+    """Step 2 meets a NaN image: its forward has already moved BatchNorm's running statistics
+    and AdaFace's norm statistics to NaN. The run goes on; the state after step 2 equals the
+    state before it, bit for bit (parameters, buffers, momentum); normal steps change it."""
+    module, states = nonfinite_module(), StateAtStepStart()
+    with caplog.at_level("WARNING", logger="facetrain.module"):
+        trainer = fit(module, steps=5, nan_steps=[2], callbacks=[states])
+    assert trainer.global_step == 5
+    assert same_state(states.states[2], states.states[3])
+    assert not same_state(states.states[1], states.states[2])
+    assert not same_state(states.states[3], states.states[4])
+    assert module.nonfinite_skipped == 1
+    assert trainer.callback_metrics["train/nonfinite_skipped"] == 1
+    assert all(torch.isfinite(t).all() for t in module.state_dict().values())
+    [warning] = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert warning.startswith("step 2 (epoch 0): training loss is not finite (nan or inf); "
+                              "4 of the batch's 4 embeddings not finite; skipped")
+    assert "head_norm_mean=nan" in warning and "theta_y_deg=" in warning
+
+
+class NaNGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+class NaNGradientAt(SmallNet):
+    """Finite forwards; the backward of optimizer step ``step`` gives NaN gradients."""
+
+    def __init__(self, step: int):
+        super().__init__()
+        self.step, self.poison = step, False
+
+    def forward(self, images):
+        out = super().forward(images)
+        return NaNGradient.apply(out) if self.poison else out
+
+
+class PoisonStep(pl.Callback):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        pl_module.backbone.poison = trainer.global_step == pl_module.backbone.step
+
+
+def test_non_finite_gradients_with_a_finite_loss_are_skipped():
+    """A NaN that appears in the backward only (the loss is finite) is caught too."""
+    module, states = nonfinite_module(backbone=NaNGradientAt(1)), StateAtStepStart()
+    trainer = fit(module, steps=3, callbacks=[PoisonStep(), states])
+    assert module.nonfinite_skipped == 1 and trainer.global_step == 3
+    assert same_state(states.states[1], states.states[2])
+
+
+def test_after_a_stop_nothing_is_saved_even_with_finite_weights():
+    """model.nonfinite=stop on NaN gradients: the weights stay finite (no update was made),
+    yet an exception handler's checkpoint must not be written after the stop."""
+    from facetrain.module import NonFiniteError
+
+    module = nonfinite_module(backbone=NaNGradientAt(1), nonfinite="stop")
+    with pytest.raises(NonFiniteError, match=r"^training gradients are not finite \(nan or inf\) "
+                                             r"since step 1 \(epoch 0; model.nonfinite=stop\)"):
+        fit(module, steps=3, callbacks=[PoisonStep()])
+    assert all(torch.isfinite(t).all() for t in module.state_dict().values())
+    with pytest.raises(NonFiniteError, match="since step 1"):
+        module.on_save_checkpoint({"state_dict": module.state_dict()})
+
+
+def test_non_finite_steps_in_a_row_stop_the_run_and_nothing_is_saved_after():
+    from facetrain.module import NonFiniteError
+
+    module = nonfinite_module(max_nonfinite_in_a_row=3)
+    with pytest.raises(NonFiniteError) as error:
+        fit(module, steps=8, nan_steps=[2, 3, 4])
+    assert str(error.value) == (
+        "training loss is not finite (nan or inf) since step 2 (epoch 0) on 3 steps in a row, "
+        "each skipped but the last (model.max_nonfinite_in_a_row=3): the run is diverging; "
+        "lower optimizer.lr or add warm-up, then resume from the last good checkpoint in the "
+        "run's checkpoints/ folder with ckpt_path=..."
+    )
+    assert module.nonfinite_skipped == 2
+    with pytest.raises(NonFiniteError):
+        module.on_save_checkpoint({"state_dict": module.state_dict()})
+
+
+def test_skipped_steps_not_in_a_row_do_not_stop():
+    module = nonfinite_module(max_nonfinite_in_a_row=2)
+    trainer = fit(module, steps=6, nan_steps=[1, 3, 5])
+    assert module.nonfinite_skipped == 3 and trainer.global_step == 6
+
+
+def test_nonfinite_stop_stops_at_the_first():
+    from facetrain.module import NonFiniteError
+
+    module, states = nonfinite_module(nonfinite="stop"), StateAtStepStart()
+    with pytest.raises(NonFiniteError, match=r"^training loss is not finite \(nan or inf\) since "
+                                             r"step 2 \(epoch 0; model.nonfinite=stop\); lower"):
+        fit(module, steps=5, nan_steps=[2], callbacks=[states])
+    assert max(states.states) == 2 and module.nonfinite_skipped == 0
+
+
+def test_bad_nonfinite_options_are_config_errors():
+    from facetrain.module import TrainingError
+
+    with pytest.raises(TrainingError, match="model.nonfinite must be skip or stop, got 'warn'"):
+        nonfinite_module(nonfinite="warn")
+    with pytest.raises(TrainingError, match="model.max_nonfinite_in_a_row must be at least 1"):
+        nonfinite_module(max_nonfinite_in_a_row=0)
+
+
+def test_no_checkpoint_of_weights_that_are_not_finite():
+    from facetrain.module import NonFiniteError
+
+    module = nonfinite_module()
+    module.trainer = pl.Trainer(accelerator="cpu", logger=False)
+    module.on_save_checkpoint({"state_dict": module.state_dict()})  # finite: saved
+    with torch.no_grad():
+        module.classifier.weight[0, 0] = float("inf")
+    with pytest.raises(NonFiniteError, match=r"^not saving a checkpoint at step 0: the model's "
+                                             r"weights are not finite \(classifier.weight\)"):
+        module.on_save_checkpoint({"state_dict": module.state_dict()})
+
+
+def test_fp16_loss_scaling_overflows_are_counted_apart_from_non_finite_steps():
+    """16-mixed on CPU (Lightning's MixedPrecision with a GradScaler) from a scale far too
+    large: the scaler skips the overflowed steps and halves its scale each time. Those are
+    amp_overflow_steps, not failures; the NaN batch of step 14 is the one skipped step."""
+    from pytorch_lightning.plugins.precision import MixedPrecision
+
+    from facetrain.heads import ArcFace
+
+    scales = []
+
+    class Scale(pl.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            scales.append(trainer.precision_plugin.scaler.get_scale())
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**24)
+    module = nonfinite_module(head=ArcFace())
+    trainer = fit(module, steps=16, nan_steps=[14], callbacks=[Scale()], gradient_clip_val=5,
+                  plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
+    lowered = sum(b < a for a, b in zip([2.0**24, *scales], scales, strict=False))
+    assert module.nonfinite_skipped == 1
+    assert module.amp_overflow_steps == lowered - 1 > 0  # the NaN step lowered the scale too
+    assert trainer.callback_metrics["train/amp_overflow_steps"] == module.amp_overflow_steps
+
+
+def test_first_batch_labels_must_be_integer_class_indices():
+    from facetrain.data.images import DatasetError
+
+    with pytest.raises(DatasetError, match=r"^training label 9 is not a class index in \[0, 5\): "
+                                           r"the classifier has 5 classes"):
+        fit(nonfinite_module(), steps=2, labels=torch.tensor([0, 1, 9, 2, 3, 4, 0, 1]))
+    with pytest.raises(DatasetError, match=r"^training label -1 is not a class index"):
+        fit(nonfinite_module(), steps=2, labels=torch.tensor([0, 1, 2, -1, 3, 4, 0, 1]))
+    with pytest.raises(DatasetError, match=r"^training labels must be integer class indices, got "
+                                           r"torch.float32 labels \(the first is 0.0\)"):
+        fit(nonfinite_module(), steps=2, labels=(torch.arange(8) % 5).float())
+    trainer = fit(nonfinite_module(), steps=2, labels=(torch.arange(8) % 5).int())  # any integer
+    assert trainer.global_step == 2
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_gradient_clipping_clips_the_backbone_only(sharded):
+    """As arcface_torch: the backbone's gradient to norm 5; centers and margin untouched
+    (Partial-FC's per-rank shard too)."""
+    from facetrain.classifiers import PartialFC
+    from facetrain.heads import NormFace
+
+    head = NormFace(learn_scale=True)
+    centers = PartialFC(8, 5, head, sample_rate=1.0) if sharded else FullClassCenters(8, 5, head)
+    module = FaceRecognitionModule(SmallNet(), head, centers, optimizer=torch.optim.SGD)
+    assert module.classifier.sharded == sharded
+    for parameter in module.parameters():
+        parameter.grad = torch.full_like(parameter, 3.0)
+    module.configure_gradient_clipping(None, 5.0, "norm")
+    backbone = torch.cat([p.grad.flatten() for p in module.backbone.parameters()])
+    torch.testing.assert_close(torch.linalg.vector_norm(backbone), torch.tensor(5.0))
+    assert torch.all(backbone > 0)  # scaled, not cut
+    for parameter in [*module.classifier.parameters(), *module.head.parameters()]:
+        assert torch.all(parameter.grad == 3.0)
+    module.configure_gradient_clipping(None, 0.5, "value")
+    assert torch.all(torch.cat([p.grad.flatten() for p in module.backbone.parameters()]) <= 0.5)
+    assert torch.all(module.classifier.weight.grad == 3.0)
+
+
+def test_clipping_under_fp16_scaling_refuses_a_fused_optimizer():
+    from pytorch_lightning.plugins.precision import MixedPrecision
+
+    from facetrain.heads import ArcFace
+    from facetrain.module import TrainingError
+
+    head = ArcFace()
+    module = FaceRecognitionModule(
+        SmallNet(), head, FullClassCenters(8, 5, head),
+        optimizer=lambda groups: torch.optim.AdamW(groups, lr=1e-3, fused=True),
+    )
+    with pytest.raises(TrainingError, match=r"trainer.gradient_clip_val=5 needs unscaled "
+                                            r"gradients, but AdamW\(fused=True\)"):
+        fit(module, steps=1, gradient_clip_val=5,
+            plugins=[MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))])

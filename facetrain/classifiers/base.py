@@ -47,6 +47,10 @@ class ClassCenters(nn.Module):
         self.embedding_size, self.num_classes = embedding_size, num_classes
         self.rank, self.world_size = rank, world_size
 
+    def labels_outside(self, labels: torch.Tensor) -> torch.Tensor:
+        """Mask of the labels that are no class index in [0, num_classes) (on the device)."""
+        return (labels < 0) | (labels >= self.num_classes)
+
     def cosines(self, embeddings: torch.Tensor, labels: torch.Tensor, margin: Margin
                 ) -> CenterCosines:
         raise NotImplementedError

@@ -133,7 +133,7 @@ class PartialFC(ClassCenters):
             x, labels = gather_with_gradient(x), all_gather_rows(labels)
         # On the global labels: every rank fails on a bad label, none waits in a collective.
         torch._assert_async(
-            ((labels >= 0) & (labels < self.num_classes)).all(),
+            ~self.labels_outside(labels).any(),
             f"a label is outside [0, {self.num_classes}) (the classifier's num_classes)",
         )
         norms = x.norm(dim=1, keepdim=True)

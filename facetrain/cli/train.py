@@ -10,6 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 from facetrain.classifiers import ClassifierError
 from facetrain.cli import silence_library_noise, user_errors
 from facetrain.cluster import set_threads_from_slurm  # also registers the run-folder resolver
+from facetrain.module import TrainingError
 from facetrain.resources import config_dir
 from facetrain.train import train
 
@@ -21,7 +22,7 @@ def main(cfg: DictConfig) -> None:
     silence_library_noise()
     log.debug("config:\n%s", OmegaConf.to_yaml(cfg))
     set_threads_from_slurm()  # before the Trainer: its DDP launcher keeps a set OMP_NUM_THREADS
-    with user_errors("facetrain", config=ClassifierError):
+    with user_errors("facetrain", config=ClassifierError, training=TrainingError):
         metrics = train(cfg)
     if metrics.get("status") == "interrupted":  # SIGTERM, Ctrl-C: saved; exit as the shell does
         raise SystemExit(128 + getattr(signal, metrics["signal"]))

@@ -28,11 +28,12 @@ class AdaFace(Margin):
             torch.stack([torch.ones_like(norms).sum(), norms.sum(), (norms * norms).sum()])
         )
         mean = total / count
-        self.norm_mean.lerp_(mean.float(), self.t_alpha)
+        # In the buffers' own dtype (the module's: float32, or 16/64-bit after a model cast).
+        self.norm_mean.lerp_(mean.to(self.norm_mean.dtype), self.t_alpha)
         # The spread of a single sample is undefined: keep sigma then (no host check needed).
         variance = (squares - count * mean * mean) / (count - 1).clamp_min(1)
-        std = torch.where(count > 1, variance.clamp_min(0).sqrt().float(), self.norm_std)
-        self.norm_std.lerp_(std, self.t_alpha)
+        std = variance.clamp_min(0).sqrt().to(self.norm_std.dtype)
+        self.norm_std.lerp_(torch.where(count > 1, std, self.norm_std), self.t_alpha)
 
     def target_logit(self, cos_y: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
         z = (norms.clamp(0.001, 100) - self.norm_mean) / (self.norm_std + 1e-3)
