@@ -70,7 +70,10 @@ def assert_same(a, b, where: str = "") -> None:
         assert a == b, where
 
 
+# Partial-FC (on one process) draws its sampled negatives from the global torch RNG every step:
+# the resumed run must continue that stream (RandomState).
 EXACT = ["+trainer.deterministic=true", "trainer.max_epochs=2", "loss=curricular",
+         "classifier=partial_fc", "classifier.sample_rate=0.5",
          "data.num_workers=2", "callbacks.last_checkpoint.every_n_train_steps=10",
          "callbacks.last_checkpoint.train_time_interval=null"]
 
