@@ -127,6 +127,8 @@ def train(cfg: DictConfig) -> dict:
         num_classes=datamodule.num_classes,
         num_train_images=len(datamodule.train_set),
         load_failures=datamodule.load_failures(),  # counted in every DataLoader worker
+        nonfinite_skipped_steps=model.nonfinite_skipped,  # the same on every rank (all-reduced)
+        amp_overflow_steps=model.amp_overflow_steps,
     )
     if trainer.is_global_zero:  # one file, one report (verification is the same on every rank)
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))

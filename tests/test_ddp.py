@@ -185,7 +185,9 @@ def test_two_rank_checkpoint_resumes_at_world_size_one_and_two(ddp_run, tiny_fac
         "train.py", *tiny_overrides(tiny_faces, run_dir), *RECIPE, f"trainer={trainer}",
         f"+data.verification.odd={ddp_run.odd}", f"trainer.max_epochs={EPOCHS + 1}",
         f"+trainer.limit_train_batches={RESUMED_STEPS}", "measure_baselines=false",
-        f"ckpt_path={last}", cwd=tmp_path,
+        f"ckpt_path={last}",
+        "scheduler.extend_on_resume=true",  # more epochs, another world size: a longer schedule
+        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-5000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())

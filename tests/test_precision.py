@@ -78,6 +78,7 @@ def test_a_nan_batch_is_skipped_counted_and_the_run_finishes(tiny_faces, tmp_pat
         "this step: accuracy=" in warnings[0]
     skipped = scalars(run_dir, "train/nonfinite_skipped")
     assert skipped == {step: float(step >= 3) for step in range(8)}
+    assert json.loads((run_dir / "metrics.json").read_text())["nonfinite_skipped_steps"] == 1
 
 
 def test_non_finite_steps_in_a_row_stop_with_one_line(tiny_faces, tmp_path):

@@ -19,7 +19,7 @@ from step_probe import read_batches
 
 from facetrain.checkpoint import CheckpointError
 from facetrain.optim import warmup_cosine
-from facetrain.resume import newest_checkpoint
+from facetrain.resume import newest_checkpoint, resume_checkpoint
 
 TESTS = Path(__file__).resolve().parent
 STEPS_PER_EPOCH = 25  # tiny_faces: 400 training images, batch 16
@@ -133,21 +133,37 @@ def test_requeue_signal_saves_then_the_same_command_finishes(tiny_faces, tmp_pat
 
 
 @pytest.mark.slow
-def test_sigterm_to_rank_zero_stops_both_ranks_with_a_checkpoint(tiny_faces, tmp_path, on_path):
+def test_sigterm_to_rank_zero_stops_both_ranks_and_the_rerun_resumes(tiny_faces, tmp_path,
+                                                                     on_path):
     """Two gloo processes; SIGTERM reaches rank 0 only. Both stop after the same step (they
     agree through an all-reduce), the checkpoint holds that step, metrics.json says
-    interrupted, and the exit is clean: status 128 + SIGTERM, no traceback."""
+    interrupted, and the exit is clean: status 128 + SIGTERM, no traceback. The same command
+    then resumes both ranks at the next step (each from its own random state) and finishes."""
     run = tmp_path / "ddp"
-    result = train(tiny_faces, run, "trainer=ddp_cpu", "trainer.max_epochs=1",
-                   "data.num_workers=0", *signal_at(5, "SIGTERM"), *probe(tmp_path / "p.jsonl"))
+    ddp = ["trainer=ddp_cpu", "trainer.max_epochs=1", "data.num_workers=0"]
+    result = train(tiny_faces, run, *ddp, *signal_at(5, "SIGTERM"), *probe(tmp_path / "a.jsonl"))
     assert result.returncode == 128 + signal.SIGTERM, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["status"] == "interrupted" and metrics["signal"] == "SIGTERM"
-    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 5
+    saved = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert saved["global_step"] == 5
+    assert len(saved["callbacks"]["RandomState"]["ranks"]) == 2  # each rank's generators
     # rank 0 and rank 1 each trained steps 1..5 (both write to the probe file), none more
-    assert sorted(b["step"] for b in read_batches(tmp_path / "p.jsonl")) == sorted(
+    assert sorted(b["step"] for b in read_batches(tmp_path / "a.jsonl")) == sorted(
         [*range(1, 6)] * 2)
+
+    again = train(tiny_faces, run, *ddp, *probe(tmp_path / "b.jsonl"))
+    assert again.returncode == 0, again.stderr[-3000:]
+    resumed = read_batches(tmp_path / "b.jsonl")
+    half = STEPS_PER_EPOCH // 2  # the global batch is two batches of 16: 12 steps an epoch
+    assert sorted(b["step"] for b in resumed) == sorted([*range(6, half + 1)] * 2)
+    # Over both runs and both ranks, 12 global batches of 32 distinct samples (an image and its
+    # augmentation, identified by its label and pixel sum): none seen twice.
+    samples = {(label, round(total, 3)) for b in read_batches(tmp_path / "a.jsonl") + resumed
+               for label, total in zip(b["labels"], b["image_sums"], strict=True)}
+    assert len(samples) == 2 * 16 * half
+    assert json.loads((run / "metrics.json").read_text())["status"] == "finished"
 
 
 class RunsCode:
@@ -259,3 +275,27 @@ def test_checkpoint_killed_while_writing_leaves_the_previous_one(tmp_path):
     loaded = torch.load(path, weights_only=True)
     w = loaded["state_dict"]["w"]
     assert torch.equal(w, torch.arange(3.0)) or w.shape == (64, 1024, 1024)
+
+
+def test_resume_checkpoint_choices(tmp_path):
+    """Which checkpoint a run resumes from: a given file; the newest of a run folder for
+    resume= and ckpt_path=last; this run's own newest when nothing is given; else none."""
+    run = tmp_path / "run"
+    assert resume_checkpoint(None, None, run) is None  # a new run
+    with pytest.raises(CheckpointError, match="no readable checkpoint"):
+        resume_checkpoint("last", None, run)
+    with pytest.raises(CheckpointError, match="no such run folder"):
+        resume_checkpoint(None, str(tmp_path / "nowhere"), run)
+    with pytest.raises(CheckpointError, match="no such checkpoint file"):
+        resume_checkpoint(str(tmp_path / "x.ckpt"), None, run)
+    (run / "checkpoints").mkdir(parents=True)
+    older, newer = run / "checkpoints" / "best-epoch000.ckpt", run / "checkpoints" / "last.ckpt"
+    for path in (older, newer):
+        torch.save({"state_dict": {}, "facetrain": {"version": 1}}, path)
+    os.utime(older, (time.time() - 60, time.time() - 60))
+    assert resume_checkpoint(None, None, run) == newer  # a requeued job: by itself
+    assert resume_checkpoint("last", None, run) == newer
+    assert resume_checkpoint(None, str(run), tmp_path / "elsewhere") == newer
+    assert resume_checkpoint(str(older), None, run) == older
+    with pytest.raises(CheckpointError, match="give one"):
+        resume_checkpoint(str(older), str(run), run)

@@ -64,7 +64,7 @@ def test_resume_restores_training_and_head_state(tiny_faces, tmp_path):
     resumed = tmp_path / "resumed"
     result = run_cli(
         "train.py", *tiny_overrides(tiny_faces, resumed), "loss=sphereface", "trainer.max_epochs=2",
-        f"ckpt_path={last}", cwd=tmp_path,
+        f"ckpt_path={last}", "scheduler.extend_on_resume=true", cwd=tmp_path,  # one more epoch
     )
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((resumed / "metrics.json").read_text())
