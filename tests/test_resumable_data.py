@@ -2,7 +2,11 @@
 augmented images, as the epoch uninterrupted; at another world size the samples not yet read."""
 
 import logging
+import multiprocessing
+import os
 import random
+import signal
+import time
 
 import albumentations as A
 import numpy as np
@@ -337,3 +341,20 @@ def test_the_transforms_of_a_pipeline_draw_independently(faces):
             else:
                 outcomes.add("jitter")
     assert outcomes == {"neither", "flip only", "jitter"}
+
+
+@pytest.mark.parametrize("name", ["SIGINT", "SIGUSR2"])
+def test_workers_outlive_ctrl_c_and_the_requeue_signal(faces, name):
+    """Ctrl-C reaches every process of the terminal's group, SLURM's requeue signal every
+    process of the job: the DataLoader workers must keep serving until the main process has
+    finished its step and saved (facetrain.preemption), not die and fail its next fetch."""
+    loader = loader_of("uniform", augmented(faces), num_workers=2)
+    batches = iter(loader)
+    next(batches)
+    workers = multiprocessing.active_children()
+    assert len(workers) == 2
+    for worker in workers:
+        os.kill(worker.pid, getattr(signal, name))
+    time.sleep(0.5)  # a worker killed by the signal is gone by now
+    assert all(worker.is_alive() for worker in workers)
+    assert len(list(batches)) == len(loader) - 1

@@ -3,6 +3,7 @@ one training run from the ``train`` config (see ``facetrain.train.train``)."""
 
 import logging
 import signal
+import sys
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -22,8 +23,13 @@ def main(cfg: DictConfig) -> None:
     silence_library_noise()
     log.debug("config:\n%s", OmegaConf.to_yaml(cfg))
     set_threads_from_slurm()  # before the Trainer: its DDP launcher keeps a set OMP_NUM_THREADS
-    with user_errors("facetrain", config=ClassifierError, training=TrainingError):
-        metrics = train(cfg)
+    try:
+        with user_errors("facetrain", config=ClassifierError, training=TrainingError):
+            metrics = train(cfg)
+    except KeyboardInterrupt:  # Ctrl-C before training started (after, facetrain.preemption saves)
+        print("facetrain: interrupted before the first training step; nothing to save",
+              file=sys.stderr)
+        raise SystemExit(128 + signal.SIGINT) from None
     if metrics.get("status") == "interrupted":  # SIGTERM, Ctrl-C: saved; exit as the shell does
         raise SystemExit(128 + getattr(signal, metrics["signal"]))
 

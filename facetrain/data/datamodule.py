@@ -189,7 +189,8 @@ class FaceDataModule(pl.LightningDataModule):
             sampler.set_epoch(self.trainer.fit_loop.epoch_progress.current.processed)
         # Keywords: Lightning replaces the sampler by name (trainer.overfit_batches).
         loader = ResumableDataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler,
-                                     progress=progress, **self._worker_options())
+                                     progress=progress, rank=world.get("rank", 0),
+                                     **self._worker_options())
         if self._loader_state_to_load:
             loader.load_state_dict(self._loader_state_to_load)
             self._loader_state_to_load = None

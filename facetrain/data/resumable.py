@@ -16,12 +16,16 @@ global torch RNG, which a resume restores and the loader must leave as it is.
 """
 
 import logging
+import os
 import random
+import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
+from lightning_fabric.utilities.seed import pl_worker_init_function
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from facetrain.data.images import DatasetError
@@ -35,6 +39,19 @@ STATE_KEYS = ("epoch", "batches_done", "samples_consumed", "epoch_samples", "wor
 # order is drawn from the seed, the sampler and the training set, and the trainer counts batches.
 MUST_MATCH = {"batch_size": "data.batch_size", "seed": "seed", "sampler": "data.sampler",
               "dataset_size": "data.train_root: the number of training images"}
+
+
+# Ctrl-C reaches the whole process group, and SLURM's requeue signal every process of the job:
+# a DataLoader worker that died of one would fail the main process's next fetch before it could
+# save. The main process decides (facetrain.preemption) and shuts its workers down itself.
+WORKER_IGNORES = (signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
+
+
+def _init_worker(worker_id: int, rank: int) -> None:
+    for number in WORKER_IGNORES:
+        signal.signal(number, signal.SIG_IGN)
+    if int(os.environ.get("PL_SEED_WORKERS", 0)):  # what Lightning adds without our own init
+        pl_worker_init_function(worker_id, rank)
 
 
 class SeededSamples(Dataset):
@@ -97,6 +114,7 @@ class ResumableDataLoader(DataLoader):
         batch_size: int,
         sampler: GlobalOrderSampler | Sampler,
         progress: Callable[[], int] | None = None,
+        rank: int = 0,
         **kwargs,
     ):
         if isinstance(sampler, GlobalOrderSampler):
@@ -104,6 +122,7 @@ class ResumableDataLoader(DataLoader):
                 raise ValueError(f"the sampler cuts batches of {sampler.batch_size}, not "
                                  f"batch_size={batch_size}")
             sampler.yield_seeds = True  # keys (index, augmentation seed) for SeededSamples
+        kwargs.setdefault("worker_init_fn", partial(_init_worker, rank=rank))
         super().__init__(
             SeededSamples(dataset), batch_size=batch_size, sampler=sampler, drop_last=True,
             generator=torch.Generator(), **kwargs,
