@@ -33,6 +33,10 @@ class CheckpointError(Exception):
     """A checkpoint that is missing, unsafe, not ours, or does not fit the requested model."""
 
 
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint holding pickled objects that could run code: never loaded."""
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Write to ``<name>.tmp`` beside the target, flush it to disk (fsync), then rename it over
     the target (atomic on POSIX) and fsync the folder: a process killed at any point, or a
@@ -59,9 +63,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 def _fsync_folder(folder: Path) -> None:
-    descriptor = os.open(folder, os.O_RDONLY)
+    try:  # Windows cannot open a folder, some network file systems cannot fsync one
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
     try:
         os.fsync(descriptor)
+    except OSError:
+        pass
     finally:
         os.close(descriptor)
 
@@ -172,7 +181,7 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
                                 mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as error:
         reason = str(error).strip().splitlines()[0]
-        raise CheckpointError(
+        raise UnsafeCheckpointError(
             f"refusing to load {path}: it holds objects other than tensors and plain containers, "
             f"which could run code when unpickled ({reason})"
         ) from None

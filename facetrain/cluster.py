@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 def slurm_job_name() -> str | None:
     """``<job id>`` of the SLURM job this process runs in (``<array job id>_<task id>`` for an
     array task: the form ``squeue`` and submitit's ``%j`` folders use), or None outside SLURM."""
+    if os.environ.get("SLURM_JOB_NAME") in ("bash", "interactive"):
+        return None  # an salloc / srun --pty shell: its runs are not the job (Lightning's rule)
     array_job, array_task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get(
         "SLURM_ARRAY_TASK_ID"
     )
@@ -91,7 +93,7 @@ def set_threads_from_slurm() -> int | None:
 def run_dir(resume: str | None, new_run_dir: str) -> str:
     """``hydra.run.dir``: the folder of the run being continued (``resume=<run folder>``: its
     checkpoints, TensorBoard curves and metrics.json carry on there), else ``new_run_dir``."""
-    return str(resume) if resume else new_run_dir
+    return os.path.expanduser(str(resume)) if resume else new_run_dir
 
 
 # Cached as Hydra's own ${now:} is: one name per config, however often it is resolved.

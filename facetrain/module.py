@@ -352,6 +352,8 @@ class FaceRecognitionModule(pl.LightningModule):
             # in another rank's Partial-FC shard) must not step alone.
             self.amp_overflow_steps += 1
             self._drop_gradients()
+            if self._loss_scaler().get_scale() < 1:  # overflows even scaled down: not settling
+                self._skip_or_stop(False, int(bad_rows), int(rows))
         else:
             self._skip_or_stop(bool(bad_loss), int(bad_rows), int(rows))
         if self._is_logging_step():
@@ -471,15 +473,17 @@ class FaceRecognitionModule(pl.LightningModule):
         """Under 16-mixed the GradScaler unscales the gradients before clipping, unless the
         optimizer unscales inside its own step (``fused=True``): clipping would then cut the
         scaled gradients (Lightning refuses it too)."""
-        if not self.trainer.gradient_clip_val or self._loss_scaler() is None:
+        if self._loss_scaler() is None:
             return
         for optimizer in self.trainer.optimizers:
             if getattr(optimizer, "_step_supports_amp_scaling", False):
+                # Also without clipping: a skipped step drops the gradients, and a fused step
+                # then leaves the GradScaler without the inf check its update needs.
                 raise TrainingError(
-                    f"trainer.gradient_clip_val={self.trainer.gradient_clip_val} needs unscaled "
-                    f"gradients, but {type(optimizer).__name__}(fused=True) unscales inside its "
-                    f"step under trainer.precision=16-mixed: set optimizer.fused=false, or "
-                    f"trainer.gradient_clip_val=null"
+                    f"{type(optimizer).__name__}(fused=True) unscales inside its step under "
+                    f"trainer.precision=16-mixed, where gradient clipping "
+                    f"(trainer.gradient_clip_val) and skipping non-finite steps need unscaled "
+                    f"gradients: set optimizer.fused=false"
                 )
 
     def configure_gradient_clipping(

@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 from pytorch_lightning import Callback, LightningModule, Trainer
 
+from facetrain.classifiers.distributed import is_distributed
 from facetrain.cluster import slurm_job_name
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,6 @@ class Preemption(Callback):
         self.path = Path(dirpath) / filename
         self._received: int | None = None
         self._replaced: dict[int, object] = {}  # signal -> the handler ours replaced
-        self._installed = False
 
     # -- signal handlers -----------------------------------------------------------------
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -68,26 +68,30 @@ class Preemption(Callback):
         if threading.current_thread() is not threading.main_thread():
             log.warning("training outside the main thread: signals are not handled")
             return
-        for name in REQUEUE_SIGNALS + STOP_SIGNALS:
-            number = getattr(signal, name)
+        for number in _numbers(REQUEUE_SIGNALS + STOP_SIGNALS):
             self._replaced[number] = signal.signal(number, self._note)
-        self._installed = True
 
     def _note(self, number: int, frame) -> None:
-        if self._received == signal.SIGINT and number == signal.SIGINT:
-            raise KeyboardInterrupt  # Ctrl-C twice: the user does not want to wait
-        if self._received is None or number in _numbers(REQUEUE_SIGNALS):
+        if number == signal.SIGINT and self._received is not None:
+            raise KeyboardInterrupt  # Ctrl-C after a signal: the user does not want to wait
+        if self._received is None or _priority(number) > _priority(self._received):
             self._received = number  # a requeue request wins over the TERM that may follow
         log.info("received %s: saving a checkpoint after this step", signal.Signals(number).name)
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if self._installed:  # kept in _replaced: requeue() calls submitit's after fit
-            for number, handler in self._replaced.items():
+        # Lightning's teardown has put back the handlers of before the fit where ours were not
+        # replaced since; _replaced stays: requeue() calls submitit's after fit.
+        for number, handler in self._replaced.items():
+            if signal.getsignal(number) == self._note:
                 signal.signal(number, handler)
-            self._installed = False
 
     # -- between steps -------------------------------------------------------------------
     def on_train_batch_end(self, trainer: Trainer, pl_module, outputs, batch, batch_idx) -> None:
+        progress = trainer.fit_loop.epoch_loop.batch_progress
+        if progress.is_last_batch or (batch_idx + 1) % trainer.accumulate_grad_batches:
+            # Not in the middle of an accumulated step; and not on an epoch's last batch, whose
+            # validation and checkpoint Lightning would skip on resume: the next batch acts.
+            return
         number = self._agreed(trainer)
         if not number:
             return
@@ -97,12 +101,14 @@ class Preemption(Callback):
         raise Interrupted(name, trainer.global_step, self.path)
 
     def _agreed(self, trainer: Trainer) -> int:
-        """The signal any rank received (the highest number if several), 0 for none."""
+        """The signal to act on: a requeue signal if any rank got one, else a stop signal if
+        any rank got one (one all-reduce of priority and number), else 0."""
         received = self._received or 0
-        if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
-            flag = torch.tensor([received], device=trainer.strategy.root_device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            received = int(flag.item())
+        if is_distributed():
+            code = torch.tensor([_priority(received) * 100 + received],
+                                device=trainer.strategy.root_device)
+            dist.all_reduce(code, op=dist.ReduceOp.MAX)
+            received = int(code.item()) % 100
         return received
 
     # -- after fit -----------------------------------------------------------------------
@@ -122,14 +128,25 @@ class Preemption(Callback):
         if method == "submitit":  # resubmits through submitit, then exits the process
             self._replaced[number](number, None)
         elif method.startswith("scontrol") and is_global_zero:
-            result = subprocess.run(method.split(), capture_output=True, text=True)
-            if result.returncode:
+            try:
+                result = subprocess.run(method.split(), capture_output=True, text=True,
+                                        timeout=60)
+                failure = result.returncode and result.stderr.strip()
+            except (OSError, subprocess.TimeoutExpired) as error:  # no scontrol in a container
+                failure = str(error)
+            if failure:
                 log.error("%s failed: %s; resume by hand with resume=<run folder>", method,
-                          result.stderr.strip())
+                          failure)
 
 
-def _numbers(names) -> set[int]:
-    return {getattr(signal, name) for name in names}
+def _numbers(names) -> list[int]:
+    """The signals of these names this platform has (Windows has no SIGUSR1/2)."""
+    return [number for name in names if (number := getattr(signal, name, None)) is not None]
+
+
+def _priority(number: int) -> int:
+    """2 for a requeue signal, 1 for a stop signal, 0 for none."""
+    return 2 if number in _numbers(REQUEUE_SIGNALS) else 1 if number else 0
 
 
 def _is_submitit_handler(handler) -> bool:

@@ -24,11 +24,13 @@ import logging
 from pathlib import Path
 
 import numpy as np
+import torch
 import torch.distributed as dist
 from lightning_fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from pytorch_lightning import Callback, LightningModule, Trainer
 
-from facetrain.checkpoint import CheckpointError, read_checkpoint
+from facetrain.checkpoint import CheckpointError, UnsafeCheckpointError, read_checkpoint
+from facetrain.classifiers.distributed import is_distributed
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +48,9 @@ def newest_checkpoint(run_dir: str | Path) -> Path | None:
     for candidate in candidates:
         try:
             read_checkpoint(candidate)
+        except UnsafeCheckpointError:
+            raise
         except CheckpointError as error:
-            if "refusing to load" in str(error):
-                raise
             log.warning("skipping checkpoint %s: %s", candidate, error)
             continue
         return candidate
@@ -103,7 +105,7 @@ class RandomState(Callback):
         # refuses NumPy arrays.
         name, keys, *rest = states["numpy"]
         states["numpy"] = (name, keys.tolist(), *rest)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if is_distributed():
             gathered: list = [None] * dist.get_world_size()
             dist.all_gather_object(gathered, states)
             return {"ranks": gathered}
@@ -125,5 +127,7 @@ class RandomState(Callback):
             states = dict(self._to_restore[trainer.global_rank])
             name, keys, *rest = states["numpy"]
             states["numpy"] = (name, np.asarray(keys, dtype=np.uint32), *rest)
+            # one CUDA generator per GPU that this process sees (maybe fewer than when saved)
+            states["torch.cuda"] = states.get("torch.cuda", [])[: torch.cuda.device_count()]
             _set_rng_states(states)
         self._to_restore = None

@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 
 import pytorch_lightning as pl
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning_fabric.plugins.environments import SLURMEnvironment
@@ -52,6 +53,13 @@ def report(metrics: dict) -> str:
         trained = f"{result['accuracy']:.4f} ± {result['accuracy_std']:.4f}"
         lines.append(f"{name:<20}{raw:>12.4f}{untrained:>12.4f}{trained:>22}")
     return "\n".join(lines)
+
+
+def _read_metrics(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def train(cfg: DictConfig) -> dict:
@@ -98,8 +106,14 @@ def train(cfg: DictConfig) -> dict:
     )
 
     metrics: dict = {"status": "finished"}
+    previous = _read_metrics(output_dir / "metrics.json")  # of this run folder, if resumed
+    start_step = None
     if ckpt_path is not None:
         metrics["resumed_from"] = str(ckpt_path)
+        if "baselines" in previous:  # measured when the run started
+            metrics["baselines"] = previous["baselines"]
+        start_step = torch.load(ckpt_path, map_location="cpu", weights_only=True,
+                                mmap=True)["global_step"]
     elif cfg.measure_baselines and datamodule.verification_sets:
         metrics["baselines"] = measure_baselines(model, datamodule, trainer)
     # weights_only: a resumed checkpoint holds tensors and plain containers only (never pickled
@@ -114,6 +128,10 @@ def train(cfg: DictConfig) -> dict:
         if stop.requeue:
             metrics["requeue"] = preemption.requeue_method(stop)
 
+    if interrupted is None and trainer.global_step == start_step and previous:
+        log.info("this run had already finished at step %d: nothing to train; metrics.json "
+                 "kept", start_step)
+        return previous
     checkpoint = trainer.checkpoint_callback
     metrics.update(
         verification=model.verification_results,

@@ -390,7 +390,8 @@ def test_gradient_clipping_clips_the_backbone_only(sharded):
     assert torch.all(module.classifier.weight.grad == 3.0)
 
 
-def test_clipping_under_fp16_scaling_refuses_a_fused_optimizer():
+@pytest.mark.parametrize("clip", [5, None])
+def test_fp16_scaling_refuses_a_fused_optimizer(clip):
     from pytorch_lightning.plugins.precision import MixedPrecision
 
     from facetrain.heads import ArcFace
@@ -401,7 +402,28 @@ def test_clipping_under_fp16_scaling_refuses_a_fused_optimizer():
         SmallNet(), head, FullClassCenters(8, 5, head),
         optimizer=lambda groups: torch.optim.AdamW(groups, lr=1e-3, fused=True),
     )
-    with pytest.raises(TrainingError, match=r"trainer.gradient_clip_val=5 needs unscaled "
-                                            r"gradients, but AdamW\(fused=True\)"):
-        fit(module, steps=1, gradient_clip_val=5,
+    with pytest.raises(TrainingError, match=r"AdamW\(fused=True\) unscales inside its step "
+                                            r"under trainer.precision=16-mixed"):
+        fit(module, steps=1, gradient_clip_val=clip,
             plugins=[MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))])
+
+
+def test_fp16_overflows_that_persist_below_scale_one_stop_the_run():
+    """Gradients that stay non-finite under 16-mixed: while the GradScaler's scale is above 1
+    its skips are calibration; once it is below 1 (gradients overflow even scaled down) they
+    count as non-finite steps, and max_nonfinite_in_a_row of them stop the run."""
+    from pytorch_lightning.plugins.precision import MixedPrecision
+
+    from facetrain.heads import ArcFace
+    from facetrain.module import NonFiniteError
+
+    class InfiniteGradients(pl.Callback):
+        def on_after_backward(self, trainer, pl_module):
+            next(pl_module.backbone.parameters()).grad.fill_(float("inf"))
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0)  # below 1 after two halvings
+    module = nonfinite_module(head=ArcFace(), max_nonfinite_in_a_row=3)
+    with pytest.raises(NonFiniteError, match="on 3 steps in a row.*try trainer.precision=bf16"):
+        fit(module, steps=20, callbacks=[InfiniteGradients()],
+            plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
+    assert module.amp_overflow_steps == 6  # scales 4, 2, 1 settle; 0.5, 0.25, 0.125 fail

@@ -343,7 +343,7 @@ def test_the_transforms_of_a_pipeline_draw_independently(faces):
     assert outcomes == {"neither", "flip only", "jitter"}
 
 
-@pytest.mark.parametrize("name", ["SIGINT", "SIGUSR2"])
+@pytest.mark.parametrize("name", ["SIGINT", "SIGTERM", "SIGUSR2"])
 def test_workers_outlive_ctrl_c_and_the_requeue_signal(faces, name):
     """Ctrl-C reaches every process of the terminal's group, SLURM's requeue signal every
     process of the job: the DataLoader workers must keep serving until the main process has

@@ -11,7 +11,8 @@ only for loaders without a length).
 
 A sample's augmentation is seeded from (seed, epoch, global position) (``SeededSamples``), so it
 does not depend on which DataLoader worker loads the sample or on what that worker loaded before.
-The loader draws its workers' base seed from its own generator (seeded per epoch), never from the
+The loader draws its workers' base seed from its own generator (seeded per epoch; persistent
+workers keep the seed of their first epoch), never from the
 global torch RNG, which a resume restores and the loader must leave as it is.
 """
 
@@ -44,7 +45,10 @@ MUST_MATCH = {"batch_size": "data.batch_size", "seed": "seed", "sampler": "data.
 # Ctrl-C reaches the whole process group, and SLURM's requeue signal every process of the job:
 # a DataLoader worker that died of one would fail the main process's next fetch before it could
 # save. The main process decides (facetrain.preemption) and shuts its workers down itself.
-WORKER_IGNORES = (signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
+# SIGTERM too (scancel, a preemption): torch shuts its workers down through their queues, and a
+# worker whose parent died exits by itself.
+WORKER_IGNORES = [number for name in ("SIGINT", "SIGTERM", "SIGUSR1", "SIGUSR2")
+                  if (number := getattr(signal, name, None)) is not None]
 
 
 def _init_worker(worker_id: int, rank: int) -> None:
@@ -204,19 +208,22 @@ class ResumableDataLoader(DataLoader):
                     f"cannot resume mid-epoch: the checkpoint's train loader state has no "
                     f"{key!r}; resume from a checkpoint saved at the end of an epoch"
                 )
-        for key, setting in MUST_MATCH.items():
-            if state[key] != ours[key]:
-                raise DatasetError(
-                    f"cannot resume mid-epoch: the checkpoint's train loader has {key}="
-                    f"{state[key]!r}, this run {ours[key]!r} (set by {setting}); resume with "
-                    f"the checkpoint's setting, or from a checkpoint saved at the end of an epoch"
-                )
         epoch, position, batches = state["epoch"], state["samples_consumed"], state["batches_done"]
         saved_batch = state["world_size"] * state["batch_size"]
         if position + saved_batch > state["epoch_samples"]:
-            # Saved after the epoch's last batch: Lightning resumes with the next epoch.
+            # Saved after the epoch's last batch: Lightning resumes with the next epoch, whole,
+            # whatever its batch size, seed or training set.
             epoch, position, batches = epoch + 1, 0, 0
-        elif state["world_size"] != ours["world_size"]:
+        else:
+            for key, setting in MUST_MATCH.items():
+                if state[key] != ours[key]:
+                    raise DatasetError(
+                        f"cannot resume mid-epoch: the checkpoint's train loader has {key}="
+                        f"{state[key]!r}, this run {ours[key]!r} (set by {setting}); resume "
+                        f"with the checkpoint's setting, or from a checkpoint saved at the end "
+                        f"of an epoch"
+                    )
+        if position and state["world_size"] != ours["world_size"]:
             self._warn_world_change(state, position, batches)
         self._resume = _Start(epoch, position, batches)
         self.sampler.set_epoch(epoch)  # Lightning iterates before its own set_epoch
