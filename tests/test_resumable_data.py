@@ -349,9 +349,10 @@ def test_workers_outlive_ctrl_c_and_the_requeue_signal(faces, name):
     process of the job: the DataLoader workers must keep serving until the main process has
     finished its step and saved (facetrain.preemption), not die and fail its next fetch."""
     loader = loader_of("uniform", augmented(faces), num_workers=2)
+    others = set(multiprocessing.active_children())  # other tests' processes, maybe ending
     batches = iter(loader)
     next(batches)
-    workers = multiprocessing.active_children()
+    workers = [p for p in multiprocessing.active_children() if p not in others]
     assert len(workers) == 2
     for worker in workers:
         os.kill(worker.pid, getattr(signal, name))
