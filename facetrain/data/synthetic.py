@@ -147,11 +147,15 @@ class _Painter:
         self.linear = self.scale * np.array([[cos, -sin], [sin, cos]])
         self.origin = side * (np.array([0.5, 0.53]) + rng.uniform(-0.04, 0.04, 2) * variation)
 
-    def _polygon(self, points: np.ndarray, depth: float) -> list[np.ndarray]:
+    def project(self, points: np.ndarray, depth: float = 0.0) -> np.ndarray:
+        """Canvas pixel coordinates (float) of face-coordinate ``points``."""
         x, y, a = points[:, 0], points[:, 1], self.half_width
         z = a * (0.5 * np.sqrt(np.maximum(1 - (x / a) ** 2, 0)) + depth)
         x = x * np.cos(self.yaw) + z * np.sin(self.yaw)
-        pixels = np.stack([x, y], axis=1) @ self.linear.T + self.origin
+        return np.stack([x, y], axis=1) @ self.linear.T + self.origin
+
+    def _polygon(self, points: np.ndarray, depth: float) -> list[np.ndarray]:
+        pixels = self.project(points, depth)
         return [np.round(pixels * (1 << _SUBPIXEL_BITS)).astype(np.int32)]
 
     def fill(self, points: np.ndarray, colour, depth: float = 0.0) -> None:
@@ -218,8 +222,9 @@ class _Layout:
 
 def _draw_person(
     paint: _Painter, t: FaceTraits, rng: np.random.Generator, variation: float
-) -> None:
-    """Body, hair and face back to front; expression factors come from rng."""
+) -> np.ndarray:
+    """Body, hair and face back to front; expression factors come from rng. Returns the five
+    landmarks in canvas pixels (see ``draw_face_with_landmarks``)."""
     smile = rng.uniform(-0.4, 1.0) * variation
     mouth_open = max(0.0, rng.uniform(-0.8, 1.0)) * variation
     eye_open = float(np.clip(1 - rng.uniform(-0.1, 0.5) * variation, 0.25, 1.2))
@@ -268,6 +273,14 @@ def _draw_person(
         _draw_eye_and_brow(paint, t, at, side, gaze)
     _draw_mouth(paint, t, at, smile, mouth_open)
     _draw_marks_and_glasses(paint, t, at)
+    # Where each landmark is drawn: the eye openings' centres, the nose polygon's tip (at the
+    # nose's depth) and the ends of the lip line (_draw_mouth's centre curve at u = -1, 1).
+    eye_x, corner_x = t.eye_spacing * a, t.mouth_width * a
+    corner_y = at.mouth_y - smile * 0.2 * t.mouth_width * a * 0.7
+    flat = np.array([[-eye_x, eye_y], [eye_x, eye_y], [-corner_x, corner_y], [corner_x, corner_y]])
+    flat_pixels = paint.project(flat)
+    nose_tip = paint.project(np.array([[0.0, nose_y + 0.06 * a]]), depth=0.15)
+    return np.concatenate([flat_pixels[:2], nose_tip, flat_pixels[2:]])
 
 
 def _draw_beard(paint: _Painter, t: FaceTraits, at: _Layout, outline: np.ndarray) -> None:
@@ -416,10 +429,50 @@ def draw_face(
 
     Drawn at twice the size and downsampled for antialiasing.
     """
+    return draw_face_with_landmarks(traits, rng, size, variation)[0]
+
+
+def draw_face_with_landmarks(
+    traits: FaceTraits, rng: np.random.Generator, size: int = 112, variation: float = 1.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """``draw_face``'s image (the same pixels for the same rng) and where its five landmarks
+    were drawn: (5, 2) float64 image pixels (pixel centres at integers), ordered left eye,
+    right eye, nose tip, left mouth corner, right mouth corner (left = the viewer's left), the
+    order of ``facetrain.align``. Eyes are the centres of the eye openings, not of the irises
+    (which follow the gaze)."""
     canvas = _background(2 * size, rng, variation)
-    _draw_person(_Painter(canvas, traits.half_width, rng, variation), traits, rng, variation)
+    paint = _Painter(canvas, traits.half_width, rng, variation)
+    landmarks = _draw_person(paint, traits, rng, variation)
     image = cv2.resize(canvas, (size, size), interpolation=cv2.INTER_AREA)
-    return _photometric(image, rng, variation)
+    # INTER_AREA by 2: pixel k covers canvas pixels 2k and 2k + 1, centred at 2k + 0.5.
+    return _photometric(image, rng, variation), (landmarks - 0.5) / 2
+
+
+def draw_photo(
+    traits: FaceTraits,
+    rng: np.random.Generator,
+    size: int = 256,
+    face_size: tuple[int, int] = (96, 160),
+    max_roll: float = 30.0,
+    variation: float = 1.0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """An unaligned "photo": a face of the identity (``draw_face_with_landmarks``) drawn
+    ``face_size`` pixels wide, turned up to ``max_roll`` degrees and placed anywhere it fits on
+    a ``size`` x ``size`` background of its own. Returns the RGB image and the face's five
+    landmarks in its pixels, to test face alignment and detection against."""
+    side = int(rng.integers(face_size[0], face_size[1] + 1))
+    face, landmarks = draw_face_with_landmarks(traits, rng, side, variation)
+    angle = rng.uniform(-max_roll, max_roll)
+    # Turn the face about its centre; the turned square's corners must stay on the canvas.
+    reach = side / 2 * (abs(np.cos(np.radians(angle))) + abs(np.sin(np.radians(angle))))
+    centre = rng.uniform(reach, size - reach, 2) if size > 2 * reach else np.full(2, size / 2)
+    matrix = cv2.getRotationMatrix2D(((side - 1) / 2, (side - 1) / 2), angle, 1.0)
+    matrix[:, 2] += centre - (side - 1) / 2
+    photo = _background(size, rng, variation)
+    placed = cv2.warpAffine(face, matrix, (size, size), flags=cv2.INTER_LINEAR)
+    mask = cv2.warpAffine(np.ones((side, side), np.float32), matrix, (size, size))[..., None]
+    photo = (placed * mask + photo * (1 - mask)).round().astype(np.uint8)
+    return photo, landmarks @ matrix[:, :2].T + matrix[:, 2]
 
 
 def _verification_pairs(identities: int, images: int, num_pairs: int, seed: int) -> list[str]:
