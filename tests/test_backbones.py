@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from facetrain.backbones import (
+    ArcFaceMobileFaceNet,
     Backbone,
     IResNet,
     MobileFaceNet,
@@ -45,6 +46,7 @@ PINNED = {
     "resnet18": ((112, 112), 24_016_448, 1_730_068_480),
     "resnet50": ((112, 112), 74_886_208, 4_042_178_560),
     "mobilefacenet": ((112, 112), 1_003_136, 220_965_376),
+    "mbf": ((112, 112), 2_059_520, 437_520_896),
 }
 
 
@@ -136,6 +138,7 @@ SMALL = {
     "iresnet18": lambda **kw: IResNet(18, **kw),
     "resnet18": lambda **kw: TorchvisionResNet(18, **kw),
     "mobilefacenet": lambda **kw: MobileFaceNet(**kw),
+    "mbf": lambda **kw: ArcFaceMobileFaceNet(**kw),
     "timm test_resnet": lambda **kw: TimmBackbone("test_resnet", **kw),
 }
 
@@ -291,6 +294,7 @@ def test_missing_timm_tells_the_user_what_to_install(monkeypatch):
 CHECKPOINT_PREFIXES = {
     "sphereface4": {"features", "embedding"},
     "mobilefacenet": {"features", "embedding"},
+    "mbf": {"features", "embedding"},
     "iresnet18": {"body", "output"},
     "resnet18": {"body", "output"},
     "timm test_resnet": {"body", "output"},
@@ -439,7 +443,8 @@ def test_create_builds_what_train_py_builds(name):
 
 
 EXPECTED_CLASS = {"iresnet": IResNet, "sphereface": SphereNet, "resnet": TorchvisionResNet,
-                  "mobilefacenet": MobileFaceNet, "timm": TimmBackbone}
+                  "mobilefacenet": MobileFaceNet, "mbf": ArcFaceMobileFaceNet,
+                  "timm": TimmBackbone}
 
 
 @pytest.mark.parametrize("name", available())

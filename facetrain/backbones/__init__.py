@@ -10,12 +10,13 @@ from facetrain.backbones.complexity import count_macs, count_parameters
 from facetrain.backbones.configs import available, create, load_config
 from facetrain.backbones.iresnet import IResNet
 from facetrain.backbones.layers import Backbone
-from facetrain.backbones.mobilefacenet import MobileFaceNet
+from facetrain.backbones.mobilefacenet import ArcFaceMobileFaceNet, MobileFaceNet
 from facetrain.backbones.resnet import TorchvisionResNet
 from facetrain.backbones.sphereface import SphereNet
 from facetrain.backbones.timm_backbone import TimmBackbone
 
 __all__ = [
+    "ArcFaceMobileFaceNet",
     "Backbone",
     "IResNet",
     "MobileFaceNet",

@@ -25,6 +25,8 @@ last BN γ so every unit starts as the identity (Goyal et al., 2017; arcface_tor
 middle BN instead, which leaves the unit's output at zero too).
 """
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -43,6 +45,22 @@ UNITS_PER_STAGE = {
     200: (6, 26, 60, 6),
 }
 STAGE_WIDTHS = (64, 128, 256, 512)
+
+
+def _units_per_stage(depth: int, units: Sequence[int] | None) -> tuple[int, int, int, int]:
+    """The units of each stage: the depth's, or ``units`` (arcface_torch's ``layers``) for a
+    network of another depth, which must then be 2 x (all units) + 2 (the stem and the FC)."""
+    if units is None:
+        check_depth("IResNet", depth, UNITS_PER_STAGE)
+        return UNITS_PER_STAGE[depth]
+    units = tuple(int(n) for n in units)
+    if len(units) != len(STAGE_WIDTHS) or min(units) < 1:
+        raise ValueError(f"IResNet units must be 4 positive numbers, one per stage "
+                         f"(backbone.units), got {list(units)}")
+    if depth != 2 * sum(units) + 2:
+        raise ValueError(f"IResNet units {list(units)} make an IResNet-{2 * sum(units) + 2}, not "
+                         f"{depth}: set backbone.depth={2 * sum(units) + 2}")
+    return units
 
 
 class IRUnit(nn.Module):
@@ -71,6 +89,9 @@ class IRUnit(nn.Module):
 class IResNet(Backbone):
     """IResNet-``depth`` (18, 34, 50, 100, 200): (N, 3, H, W) → (N, ``embedding_size``).
 
+    ``units`` (4 numbers) sets the units per stage instead, as arcface_torch's ``layers``
+    argument does: ``IResNet(10, units=(1, 1, 1, 1))`` is the smallest IResNet.
+
     ``fp16`` runs the convolutional body under autocast and the embedding layers in float32,
     the arcface_torch recipe (:class:`Backbone`). ``dropout`` is applied before the FC
     (arcface_torch: 0; the MXNet ArcFace release: 0.4 on small data sets).
@@ -78,15 +99,17 @@ class IResNet(Backbone):
 
     def __init__(self, depth: int = 50, embedding_size: int = 512,
                  input_size: tuple[int, int] = (112, 112), dropout: float = 0.0,
-                 fp16: bool = False, zero_init_residual: bool = False):
-        check_depth("IResNet", depth, UNITS_PER_STAGE)
+                 fp16: bool = False, zero_init_residual: bool = False,
+                 units: Sequence[int] | None = None):
+        units = _units_per_stage(depth, units)
         super().__init__(f"IResNet-{depth}", embedding_size, input_size, fp16)
         self.depth = depth
+        self.units = units
         feature_map = feature_map_size(f"IResNet-{depth}", self.input_size, "112x112")
         layers = [nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.PReLU(64)]
         in_channels = 64
-        for width, units in zip(STAGE_WIDTHS, UNITS_PER_STAGE[depth], strict=True):
-            for i in range(units):
+        for width, count in zip(STAGE_WIDTHS, units, strict=True):
+            for i in range(count):
                 layers.append(IRUnit(in_channels, width, stride=2 if i == 0 else 1))
                 in_channels = width
         self.body = nn.Sequential(*layers)

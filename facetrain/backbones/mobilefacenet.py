@@ -16,6 +16,8 @@ a face's corners and centre carry different information, so every spatial positi
 own learnt weight. A linear 1x1 convolution and BatchNorm give the embedding.
 """
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -41,11 +43,11 @@ class ConvBlock(nn.Sequential):
 
 
 class Bottleneck(nn.Module):
-    """Inverted residual: 1x1 expand → 3x3 depthwise → linear 1x1 project (+ identity)."""
+    """Inverted residual: 1x1 expand to ``hidden`` → 3x3 depthwise → linear 1x1 project
+    (+ identity when the shape is kept)."""
 
-    def __init__(self, in_ch: int, out_ch: int, stride: int, expansion: int):
+    def __init__(self, in_ch: int, hidden: int, out_ch: int, stride: int):
         super().__init__()
-        hidden = in_ch * expansion
         self.residual = stride == 1 and in_ch == out_ch
         self.body = nn.Sequential(
             ConvBlock(in_ch, hidden),
@@ -72,7 +74,9 @@ class MobileFaceNet(Backbone):
         channels = 64
         for expansion, out_ch, repeats, stride in BOTTLENECK_SETTINGS:
             for i in range(repeats):
-                layers.append(Bottleneck(channels, out_ch, stride if i == 0 else 1, expansion))
+                layers.append(
+                    Bottleneck(channels, channels * expansion, out_ch, stride if i == 0 else 1)
+                )
                 channels = out_ch
         layers.append(ConvBlock(channels, 512))
         self.features = nn.Sequential(*layers)
@@ -91,6 +95,66 @@ class MobileFaceNet(Backbone):
             elif isinstance(module, nn.BatchNorm2d):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
+
+    @property
+    def body(self) -> nn.Module:
+        return self.features  # saved as features.* in checkpoints
+
+
+class ArcFaceMobileFaceNet(Backbone):
+    """MobileFaceNet as insightface arcface_torch builds it, ``mbf`` in its model zoo
+    (``backbones/mobilefacenet.py``: ``get_mbf(fp16, num_features, blocks=(1, 4, 6, 2),
+    scale=2)``; ``mbf_large`` is ``blocks=(2, 8, 12, 4), scale=4``), so its ``backbone.pth``
+    files load (``facetrain.pretrained``).
+
+    Model card at 112x112, 512-D, measured with ``facetrain.backbones.complexity``: 2.06 M
+    parameters (2,059,520, as arcface_torch's own ``get_mbf``), 0.44 GMACs (arcface_torch
+    README: "mobilefacenet-0.45G").
+
+    Not :class:`MobileFaceNet`: the channels are ``scale`` x 64 / 128 rather than 64 / 128, the
+    inverted residuals expand to fixed widths (128, then 256, 512 in the strided units), the
+    second stem convolution is grouped (groups=64) rather than depthwise, each of the four
+    stages is a strided unit followed by ``blocks[1:]`` residual ones (``blocks[0]`` residual
+    units replace the stem's second convolution unless it is 1), and the embedding is a
+    bias-free FC + BatchNorm1d after the GDConv. The 1x1 convolution to 512 channels before the
+    GDConv is part of ``embedding`` so that ``fp16`` leaves it in float32, as arcface_torch does.
+    """
+
+    def __init__(self, embedding_size: int = 512, input_size: tuple[int, int] = (112, 112),
+                 blocks: Sequence[int] = (1, 4, 6, 2), scale: int = 2, fp16: bool = False):
+        blocks = tuple(int(n) for n in blocks)
+        if len(blocks) != 4 or min(blocks) < 0 or scale < 1:
+            raise ValueError(f"mbf needs 4 block counts >= 0 (backbone.blocks) and a scale >= 1 "
+                             f"(backbone.scale), got blocks={list(blocks)}, scale={scale}")
+        super().__init__("MobileFaceNet-mbf", embedding_size, input_size, fp16)
+        self.blocks, self.scale = blocks, scale
+        feature_map = feature_map_size(self.architecture, self.input_size, "112x112")
+        width = 64 * scale
+        layers = [ConvBlock(3, width, 3, 2, 1)]
+        if blocks[0] == 1:
+            layers.append(ConvBlock(width, width, 3, 1, 1, groups=64))
+        else:
+            layers += [Bottleneck(width, 128, width, 1) for _ in range(blocks[0])]
+        channels = width
+        # (output channels, hidden width of the strided unit, of the residual ones, residuals)
+        for out_ch, strided_hidden, hidden, repeats in (
+            (width, 128, 128, blocks[1]), (2 * width, 256, 256, blocks[2]),
+            (2 * width, 512, 256, blocks[3]),
+        ):
+            layers.append(Bottleneck(channels, strided_hidden, out_ch, 2))
+            layers += [Bottleneck(out_ch, hidden, out_ch, 1) for _ in range(repeats)]
+            channels = out_ch
+        self.features = nn.Sequential(*layers)
+        self.embedding = nn.Sequential(
+            ConvBlock(channels, 512),
+            ConvBlock(512, 512, feature_map, groups=512, linear=True),  # GDConv
+            nn.Flatten(),
+            nn.Linear(512, embedding_size, bias=False),
+            nn.BatchNorm1d(embedding_size),
+        )
+        for module in self.modules():  # as arcface_torch: Kaiming fan-out, BN at 1 and 0
+            if isinstance(module, nn.Conv2d | nn.Linear):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
 
     @property
     def body(self) -> nn.Module:

@@ -47,6 +47,7 @@ class TimmBackbone(Backbone):
             )
         super().__init__(f"timm {model_name}", embedding_size, input_size, fp16)
         self.model_name = model_name
+        self.model_kwargs = dict(model_kwargs or {})  # to rebuild it with pretrained weights
         self.body = timm.create_model(
             model_name, pretrained=pretrained, num_classes=0, **dict(model_kwargs or {})
         )
