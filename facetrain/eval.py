@@ -5,6 +5,8 @@ is ``facetrain.cli.eval``.
 Per (checkpoint, set): LFW-protocol 10-fold accuracy ± std and the mean chosen threshold, TAR at
 each FAR target, ROC AUC and EER (see ``facetrain.evaluation.verification``). Prints a table,
 writes ``metrics.json`` and ``roc.png`` (one curve per checkpoint and set) to the run folder.
+With ``ijb.root`` also IJB-B/C 1:1 TAR@FAR and 1:N TPIR/CMC (``facetrain.evaluation.ijb``): a
+second table, ``ijb`` in metrics.json and the 1:1 curve in roc.png.
 """
 
 import json
@@ -22,6 +24,7 @@ from facetrain.data.images import DatasetError
 from facetrain.data.pairs import open_verification_set
 from facetrain.embed import preprocessing, resolve_device
 from facetrain.evaluation import embed_dataset, kfold_verification, pair_scores, roc_curve
+from facetrain.evaluation.ijb import IJBProtocol, evaluate_ijb, ijb_report, open_ijb
 from facetrain.evaluation.plots import plot_roc
 
 log = logging.getLogger(__name__)
@@ -35,13 +38,16 @@ def checkpoint_label(path: str | Path) -> str:
     return path.stem
 
 
-def select_sets(cfg: DictConfig, info: dict) -> dict:
+def select_sets(cfg: DictConfig, info: dict, optional: bool = False) -> dict:
     """The verification sets to evaluate: ``verification`` if given, else those stored with the
-    checkpoint; narrowed to ``sets`` if given."""
+    checkpoint; narrowed to ``sets`` if given. None at all is an error unless ``optional`` (an
+    IJB evaluation is asked for)."""
     if cfg.verification:
         available, source = OmegaConf.to_container(cfg.verification), "verification"
     else:
         available, source = info["data"].get("verification") or {}, f"{info['path']} (training)"
+    if not available and optional and not cfg.sets:
+        return {}
     if not available:
         raise DatasetError(
             f"{info['path']} stores no verification sets; name one with "
@@ -56,8 +62,10 @@ def select_sets(cfg: DictConfig, info: dict) -> dict:
     return {name: available[name] for name in (cfg.sets or available)}
 
 
-def evaluate_checkpoint(cfg: DictConfig, path: str, device: torch.device) -> dict:
-    """Metrics and ROC curves of one checkpoint on its verification sets."""
+def evaluate_checkpoint(
+    cfg: DictConfig, path: str, device: torch.device, ijb: IJBProtocol | None = None
+) -> dict:
+    """Metrics and ROC curves of one checkpoint on its verification sets (and ``ijb``)."""
     # backbone=NAME / loss=NAME (or +backbone.KEY=...) assert what the checkpoint must hold;
     # configs/backbone/*.yaml's ${data.image_size} resolves against the checkpoint's data.
     expected = {part: OmegaConf.to_container(cfg[part]) if cfg.get(part) is not None else None
@@ -68,7 +76,7 @@ def evaluate_checkpoint(cfg: DictConfig, path: str, device: torch.device) -> dic
         backbone.to(memory_format=torch.channels_last)
     transform = preprocessing(info)
     results = {}
-    for name, spec in select_sets(cfg, info).items():
+    for name, spec in select_sets(cfg, info, optional=ijb is not None).items():
         dataset = open_verification_set(name, spec, transform)
         loader = DataLoader(dataset, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                             pin_memory=device.type == "cuda")
@@ -89,7 +97,15 @@ def evaluate_checkpoint(cfg: DictConfig, path: str, device: torch.device) -> dic
         }
         log.info("%s on %s: %d images, %d pairs in %.1f s (%.0f pairs/s)", info["path"], name,
                  len(dataset), len(scores), seconds, len(scores) / seconds)
-    return {"info": info, "sets": results}
+    ijb_result = None
+    if ijb is not None:
+        ijb_result = evaluate_ijb(
+            ijb, backbone, transform, flip=cfg.flip_test, faceness=cfg.ijb.faceness,
+            batch_size=cfg.batch_size, num_workers=cfg.num_workers, device=device,
+            channels_last=cfg.channels_last, far_targets=tuple(cfg.ijb.far_targets),
+            fpir_targets=tuple(cfg.ijb.fpir_targets), ranks=tuple(cfg.ijb.ranks),
+        )
+    return {"info": info, "sets": results, "ijb": ijb_result}
 
 
 def report(evaluated: dict[str, dict], far_targets) -> str:
@@ -121,10 +137,15 @@ def evaluate(cfg: DictConfig) -> dict:
     device = resolve_device(cfg.device)
     output_dir = Path(cfg.output or HydraConfig.get().runtime.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.get("ijb") is not None and not isinstance(cfg.ijb, DictConfig):
+        raise DatasetError(f"ijb={cfg.ijb}: in a composed config the IJB folder is ijb.root=PATH")
+    # The IJB metadata is read and checked once, before any model or image is loaded.
+    ijb = (open_ijb(cfg.ijb.root, cfg.ijb.set, cfg.ijb.identification)
+           if cfg.get("ijb") is not None and cfg.ijb.root else None)
 
     evaluated: dict[str, dict] = {}
     for path in paths:
-        evaluation = evaluate_checkpoint(cfg, path, device)
+        evaluation = evaluate_checkpoint(cfg, path, device, ijb)
         label = checkpoint_label(evaluation["info"]["path"])
         while label in evaluated:  # the same file twice, or equal names in different folders
             label += "'"
@@ -134,6 +155,12 @@ def evaluate(cfg: DictConfig) -> dict:
         f"{label}: {name}" if len(evaluated) > 1 else name: result.pop("roc")
         for label, evaluation in evaluated.items() for name, result in evaluation["sets"].items()
     }
+    for label, evaluation in evaluated.items():
+        if evaluation["ijb"] is not None:
+            result = evaluation["ijb"]
+            result.pop("scores")
+            name = f"{result['set']} 1:1"
+            curves[f"{label}: {name}" if len(evaluated) > 1 else name] = result.pop("roc")
     plot_roc(curves, f"ROC ({'flip-test' if cfg.flip_test else 'no flip'})").savefig(
         output_dir / "roc.png"
     )
@@ -148,13 +175,20 @@ def evaluate(cfg: DictConfig) -> dict:
                 "backbone": e["info"]["backbone"],
                 "loss": e["info"]["loss"],
                 "sets": e["sets"],
+                **({"ijb": e["ijb"]} if e["ijb"] is not None else {}),
             }
             for label, e in evaluated.items()
         },
     }
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    log.info("verification (%s, %d-fold accuracy; TAR at FAR over all pairs):\n%s",
-             "flip-test" if cfg.flip_test else "no flip", cfg.num_folds,
-             report(evaluated, cfg.far_targets))
+    if any(e["sets"] for e in evaluated.values()):
+        log.info("verification (%s, %d-fold accuracy; TAR at FAR over all pairs):\n%s",
+                 "flip-test" if cfg.flip_test else "no flip", cfg.num_folds,
+                 report(evaluated, cfg.far_targets))
+    if ijb is not None:
+        log.info("%s (%s, %s; 1:1 TAR at FAR over template pairs, 1:N open set per gallery):\n%s",
+                 ijb.name, "flip-test" if cfg.flip_test else "no flip",
+                 "faceness-weighted" if cfg.ijb.faceness else "unweighted",
+                 ijb_report({label: e["ijb"] for label, e in evaluated.items()}))
     log.info("wrote %s and %s", output_dir / "metrics.json", output_dir / "roc.png")
     return metrics

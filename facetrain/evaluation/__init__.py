@@ -1,6 +1,13 @@
-"""Verification metrics computed from embeddings."""
+"""Verification metrics computed from embeddings; IJB-B/C template protocols."""
 
 from facetrain.evaluation.embeddings import embed, embed_dataset, evaluate_pairs, pair_scores
+from facetrain.evaluation.ijb import (
+    IJBProtocol,
+    evaluate_ijb,
+    identification_metrics,
+    open_ijb,
+    template_features,
+)
 from facetrain.evaluation.verification import (
     FAR_TARGETS,
     VerificationResult,
@@ -14,15 +21,20 @@ from facetrain.evaluation.verification import (
 
 __all__ = [
     "FAR_TARGETS",
+    "IJBProtocol",
     "VerificationResult",
     "best_threshold",
     "embed",
     "embed_dataset",
     "equal_error_rate",
+    "evaluate_ijb",
     "evaluate_pairs",
+    "identification_metrics",
     "kfold_verification",
+    "open_ijb",
     "pair_scores",
     "roc_auc",
     "roc_curve",
     "tar_at_far",
+    "template_features",
 ]
