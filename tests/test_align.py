@@ -311,9 +311,11 @@ def mtcnn():
 
 DETECTOR_PHOTOS = 24
 # Measured on these 24 photos (faces drawn 96-160 px wide, eyes ~25-40 px apart, roll up to
-# 30 degrees): MTCNN finds 23, mean error over the 5 points median 2.6 px, worst 6.1 px. The
-# faces are drawn, not photographed: its nose tip sits ~4 px above the drawn one.
-MEDIAN_ERROR_PX, WORST_ERROR_PX, MIN_FOUND = 4.0, 9.0, 21
+# 30 degrees): MTCNN finds 22; per face, the mean error over its 5 points has median 3.1 px,
+# worst 5.2 px (on 200 others: 180 found, median 2.6, 90th percentile 4.0, worst 6.8 px). The
+# faces are drawn, not photographed: its nose tip sits ~4 px above the drawn one, so the
+# bounds leave room over those figures rather than demand photo-grade accuracy.
+MEDIAN_ERROR_PX, WORST_ERROR_PX, MIN_FOUND = 4.0, 9.0, 20
 
 
 def test_detector_finds_the_synthetic_landmarks(mtcnn):
