@@ -92,6 +92,7 @@ def describe_model(cfg: DictConfig, embedding_size: int, num_classes: int) -> di
         "version": FORMAT_VERSION,
         "backbone": plain(cfg.backbone),
         "loss": plain(cfg.get("loss")),
+        "auxiliary": plain(cfg.get("auxiliary")) or {},
         "embedding_size": int(embedding_size),
         "num_classes": int(num_classes),
         "data": {
@@ -264,7 +265,7 @@ def check_resume(checkpoint: Mapping, description: Mapping, model: nn.Module) ->
     stored = checkpoint.get(METADATA_KEY)
     differences = []
     if isinstance(stored, Mapping):
-        for key in ("backbone", "loss", "embedding_size", "num_classes"):
+        for key in ("backbone", "loss", "auxiliary", "embedding_size", "num_classes"):
             if key in description:
                 differences += config_differences(stored, {key: description[key]})
     mismatch = _state_dict_mismatch(model, checkpoint["state_dict"])

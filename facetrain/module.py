@@ -1,6 +1,6 @@
-"""The LightningModule: backbone → embedding → class centers + margin → cross-entropy. Wiring,
-optimisation and logging only; the model math lives in ``backbones/``, ``classifiers/`` and
-``heads/``.
+"""The LightningModule: backbone → embedding → class centers + margin → cross-entropy, plus
+weighted metric-loss terms on the embeddings (or those alone). Wiring, optimisation and logging
+only; the model math lives in ``backbones/``, ``classifiers/``, ``heads/`` and ``losses/``.
 
 Mixed precision (``trainer.precision=16-mixed`` or ``bf16-mixed``) is Lightning's: the backbone
 runs under autocast, the class-center stores turn autocast off and compute cosines, margins and
@@ -20,9 +20,16 @@ from torch import nn
 
 from facetrain.checkpoint import METADATA_KEY, check_resume, upgrade_state_dict
 from facetrain.classifiers import ClassCenters
-from facetrain.classifiers.distributed import all_gather_rows, all_reduce_sum, is_distributed
 from facetrain.data.images import DatasetError
+from facetrain.distributed import (
+    all_gather_rows,
+    all_gather_uneven,
+    all_reduce_sum,
+    is_distributed,
+)
 from facetrain.evaluation import embed, kfold_verification, pair_scores
+from facetrain.heads import Margin
+from facetrain.losses import EmbeddingLoss
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +80,11 @@ def non_finite_tensors(tensors) -> torch.Tensor:
 
 class FaceRecognitionModule(pl.LightningModule):
     """Trains ``backbone`` + ``head`` (a margin, ``facetrain.heads``) on the class centers of
-    ``classifier`` (``facetrain.classifiers``) with cross-entropy; validates on verification
-    pairs.
+    ``classifier`` (``facetrain.classifiers``) with cross-entropy, plus ``losses``: named
+    ``(weight, EmbeddingLoss)`` terms on the embeddings (``facetrain.losses``: center loss,
+    triplet, ...); the loss optimised is the cross-entropy plus the weighted terms, each logged
+    on its own. A pure metric loss has no head and no classifier (both None): the terms alone.
+    Validates on verification pairs.
 
     ``optimizer`` is a factory taking parameter groups (a Hydra ``_partial_``);
     ``scheduler`` takes the optimizer and the total number of optimizer steps.
@@ -96,8 +106,8 @@ class FaceRecognitionModule(pl.LightningModule):
     def __init__(
         self,
         backbone: nn.Module,
-        head: nn.Module,
-        classifier: ClassCenters,
+        head: Margin | None,
+        classifier: ClassCenters | None,
         optimizer: Callable,
         scheduler: Callable | None = None,
         weight_decay: Mapping[str, float] | None = None,
@@ -106,8 +116,15 @@ class FaceRecognitionModule(pl.LightningModule):
         description: Mapping | None = None,
         nonfinite: str = "skip",
         max_nonfinite_in_a_row: int = 5,
+        losses: Mapping[str, tuple[float, EmbeddingLoss]] | None = None,
     ):
         super().__init__()
+        losses = dict(losses or {})
+        if (head is None) != (classifier is None) or (classifier is None and not losses):
+            raise TrainingError(
+                "the model needs a margin head with its class centers, metric-loss terms, or "
+                "both: check loss= and auxiliary="
+            )
         if nonfinite not in NONFINITE_POLICIES:
             raise TrainingError(f"model.nonfinite must be skip or stop, got {nonfinite!r}")
         if int(max_nonfinite_in_a_row) < 1:
@@ -117,7 +134,10 @@ class FaceRecognitionModule(pl.LightningModule):
         self.backbone = backbone
         self.head = head
         self.classifier = classifier
-        if classifier.sharded:  # each rank's shard has its own gradient: DDP must not average it
+        self.losses = nn.ModuleDict({name: loss for name, (_, loss) in losses.items()})
+        self.loss_weights = {name: float(weight) for name, (weight, _) in losses.items()}
+        self.sharded = classifier is not None and classifier.sharded
+        if self.sharded:  # each rank's shard has its own gradient: DDP must not average it
             self._ddp_params_and_buffers_to_ignore = [
                 f"classifier.{name}" for name, _ in classifier.named_parameters()
             ]
@@ -160,7 +180,8 @@ class FaceRecognitionModule(pl.LightningModule):
         self._check_clipping_sees_unscaled_gradients()
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
-        self.head.set_step(self.global_step)  # annealing counts optimizer steps, not forwards
+        if self.head is not None:  # annealing counts optimizer steps, not forwards
+            self.head.set_step(self.global_step)
         if not self._labels_checked:
             self._check_labels(batch[1])
             self._labels_checked = True
@@ -175,21 +196,38 @@ class FaceRecognitionModule(pl.LightningModule):
         images, labels = batch
         labels = labels.long()  # any integer dtype (checked on the first batch); gather takes int64
         embeddings = self.backbone(self._memory_format(images))
-        logging = self._is_logging_step()
-        output = self.classifier(embeddings, labels, self.head, statistics=logging)
+        loss, statistics = self._classification_loss(embeddings, labels)
+        for name, term in self.losses.items():
+            output = term(embeddings, labels)
+            self.log(f"train/{name}_loss", output.loss)  # unweighted: comparable across weights
+            for metric, value in output.metrics.items():
+                self.log(f"train/{name}_{metric}", value)
+            weighted = self.loss_weights[name] * output.loss
+            loss = weighted if loss is None else loss + weighted
+        self._note_forward(loss, embeddings, labels)
+        self.log("train/loss", loss, prog_bar=True)
+        # embeddings and statistics for the callbacks' batch-end hooks (histograms)
+        return {"loss": loss, "embeddings": embeddings.detach(), "statistics": statistics}
+
+    def _classification_loss(self, embeddings: torch.Tensor, labels: torch.Tensor
+                             ) -> tuple[torch.Tensor | None, dict | None]:
+        """The head's cross-entropy (and its extra term), logged; statistics on logging steps.
+        (None, None) without a head."""
+        if self.classifier is None:
+            return None, None
+        output = self.classifier(embeddings, labels, self.head, statistics=self._is_logging_step())
         loss = output.loss
+        if self.losses:
+            self.log("train/classification_loss", loss)
         extra = self.head.extra_loss()
         if extra is not None:
             self.log("train/head_extra_loss", extra)
             loss = loss + extra
-        self._note_forward(loss, embeddings, labels)
-        self.log("train/loss", loss, prog_bar=True)
         for name, value in self.head.state_metrics().items():  # lambda, t, learnt scale, ...
             self.log(f"train/head_{name}", value)
         if output.statistics is not None:
             self._log_head_statistics(output.statistics)
-        # embeddings and statistics for the callbacks' batch-end hooks (histograms)
-        return {"loss": loss, "embeddings": embeddings.detach(), "statistics": output.statistics}
+        return loss, output.statistics
 
     def _note_forward(self, loss: torch.Tensor, embeddings: torch.Tensor, labels: torch.Tensor
                       ) -> None:
@@ -204,9 +242,11 @@ class FaceRecognitionModule(pl.LightningModule):
         self._last_batch = (embeddings, labels)
 
     @torch.no_grad()
-    def head_statistics(self, embeddings: torch.Tensor, labels: torch.Tensor) -> dict:
+    def head_statistics(self, embeddings: torch.Tensor, labels: torch.Tensor) -> dict | None:
         """The head's view of a batch: per-sample ``theta_y`` and ``theta_max_negative`` in
-        degrees, and batch scalars (``ClassCenters.statistics``)."""
+        degrees, and batch scalars (``ClassCenters.statistics``); None without a head."""
+        if self.classifier is None:
+            return None
         return self.classifier.statistics(embeddings, labels, self.head)
 
     @staticmethod
@@ -276,7 +316,7 @@ class FaceRecognitionModule(pl.LightningModule):
         }
         if self.description is not None:
             checkpoint[METADATA_KEY] = self.description
-        if self.classifier.sharded:  # the centers' optimizer state, whole (see PartialFC)
+        if self.sharded:  # the centers' optimizer state, whole (see PartialFC)
             self._convert_center_state(checkpoint, self.classifier.full_rows, rows=None)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -285,7 +325,7 @@ class FaceRecognitionModule(pl.LightningModule):
         self.nonfinite_skipped = counts.get("skipped", 0)
         self._nonfinite_in_a_row = counts.get("in_a_row", 0)
         self.amp_overflow_steps = counts.get("amp_overflow_steps", 0)
-        if self.classifier.sharded:
+        if self.sharded:
             self._convert_center_state(
                 checkpoint, self.classifier.own_rows, rows=self.classifier.num_classes
             )
@@ -399,7 +439,10 @@ class FaceRecognitionModule(pl.LightningModule):
 
     def _step_statistics(self) -> str:
         """The head's statistics and state on the step's last batch, for the skip warning."""
-        values = self._head_scalars(self.head_statistics(*self._last_batch))
+        statistics = self.head_statistics(*self._last_batch)
+        if statistics is None:
+            return "no head (metric losses only)"
+        values = self._head_scalars(statistics)
         values.update({f"head_{name}": value for name, value in self.head.state_metrics().items()})
         return ", ".join(f"{name}={float(value):.4g}" for name, value in values.items())
 
@@ -454,7 +497,7 @@ class FaceRecognitionModule(pl.LightningModule):
                 f"is {labels.flatten()[0].item()!r}): make the training loader yield integer "
                 f"labels (a loader giving float labels, as DALI does, needs labels.long())"
             )
-        if labels.numel() == 0:
+        if labels.numel() == 0 or self.classifier is None:  # metric losses only compare labels
             return
         extremes = torch.stack([labels.min(), labels.max()]).long()
         if is_distributed():
@@ -512,22 +555,16 @@ class FaceRecognitionModule(pl.LightningModule):
         """All of a set's embeddings, placed by image index, gathered across DDP ranks.
 
         Each rank embedded its own share of the images (``ShardedSequentialSampler``: no
-        padding, so counts differ by up to one); an all-gather needs equal shapes, so every rank
-        pads to the largest count with image index -1 and the padding is dropped after. Every
-        image must arrive exactly once: a repeated or missing one would change the pairs'
-        scores without a sign."""
+        padding, so counts differ by up to one). Every image must arrive exactly once: a
+        repeated or missing one would change the pairs' scores without a sign."""
         batches = self._val_embeddings.get(loader_idx, [])
         if batches:
             indices, embeddings = map(torch.cat, zip(*batches, strict=True))
         else:  # a set smaller than the world leaves a rank without images
             indices = torch.empty(0, dtype=torch.long, device=self.device)
-            embeddings = torch.empty(0, self.classifier.embedding_size, device=self.device)
+            embeddings = torch.empty(0, self.backbone.embedding_size, device=self.device)
         if self.trainer.world_size > 1:
-            counts = all_gather_rows(torch.tensor([indices.numel()], device=self.device))
-            padding = int(counts.max()) - indices.numel()
-            indices = all_gather_rows(nn.functional.pad(indices, (0, padding), value=-1))
-            embeddings = all_gather_rows(nn.functional.pad(embeddings, (0, 0, 0, padding)))
-            embeddings, indices = embeddings[indices >= 0], indices[indices >= 0]
+            indices, embeddings = all_gather_uneven(indices), all_gather_uneven(embeddings)
         times = torch.bincount(indices, minlength=num_images)
         if times.numel() != num_images or not bool((times == 1).all()):
             name = self._verification_datasets()[loader_idx].name
@@ -542,18 +579,18 @@ class FaceRecognitionModule(pl.LightningModule):
         return placed
 
     def _parameter_groups(self) -> list[dict]:
-        """Backbone; class centers (and bias) with the margin's matrices; the margin's scalars
-        (a learnt scale or alpha must not be decayed towards zero)."""
-        head = [*self.classifier.parameters(), *self.head.parameters()]
+        """Backbone; class centers (and bias) with the margin's and the loss terms' matrices;
+        their scalars (a learnt scale or alpha must not be decayed towards zero). Empty groups
+        are left out (a metric loss alone has no head parameters)."""
+        parts = (self.classifier, self.head, self.losses)
+        head = [p for part in parts if part is not None for p in part.parameters()]
         decay = self.weight_decay
         groups = [
             {"params": list(self.backbone.parameters()), "weight_decay": decay["backbone"]},
             {"params": [p for p in head if p.ndim > 0], "weight_decay": decay["head"]},
+            {"params": [p for p in head if p.ndim == 0], "weight_decay": 0.0},
         ]
-        scalars = [p for p in head if p.ndim == 0]
-        if scalars:
-            groups.append({"params": scalars, "weight_decay": 0.0})
-        return groups
+        return [group for group in groups if group["params"]]
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(self._parameter_groups())

@@ -30,8 +30,8 @@ import torch
 import torch.distributed as dist
 from pytorch_lightning import Callback, LightningModule, Trainer
 
-from facetrain.classifiers.distributed import is_distributed
 from facetrain.cluster import slurm_job_name
+from facetrain.distributed import is_distributed
 
 log = logging.getLogger(__name__)
 

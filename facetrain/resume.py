@@ -30,7 +30,7 @@ from lightning_fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from pytorch_lightning import Callback, LightningModule, Trainer
 
 from facetrain.checkpoint import CheckpointError, UnsafeCheckpointError, read_checkpoint
-from facetrain.classifiers.distributed import is_distributed
+from facetrain.distributed import is_distributed
 
 log = logging.getLogger(__name__)
 

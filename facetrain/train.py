@@ -22,6 +22,7 @@ from torch import nn
 from facetrain.checkpoint import AtomicCheckpointIO, describe_model
 from facetrain.data import LoadFailureReport
 from facetrain.evaluation import evaluate_pairs
+from facetrain.losses import EmbeddingLoss, LossError
 from facetrain.module import FaceRecognitionModule
 from facetrain.preemption import Interrupted, Preemption
 from facetrain.resume import CHECKPOINT_FOLDER, RandomState, resume_checkpoint
@@ -62,6 +63,41 @@ def _read_metrics(path: Path) -> dict:
         return {}
 
 
+def build_losses(cfg: DictConfig, embedding_size: int, datamodule, trainer: pl.Trainer):
+    """``(head, classifier, losses)`` from ``loss=`` and ``auxiliary=``: a margin head on its
+    class centers (``classifier=``), or a metric loss alone (head and classifier None), plus
+    the weighted ``auxiliary`` terms. Built outside ``instantiate`` (a partial, then called), so
+    that a setting that cannot work (``LossError``) reaches the user as one line, not wrapped in
+    Hydra's instantiation error. Rank and world size come from the trainer: stores may shard."""
+    loss = instantiate(cfg.loss, _partial_=True)()
+    losses, head, classifier = {}, None, None
+    if isinstance(loss, EmbeddingLoss):
+        losses[HydraConfig.get().runtime.choices.get("loss") or "metric"] = (1.0, loss)
+    else:  # a margin: the class centers live in the classifier
+        head = loss
+        classifier = instantiate(cfg.classifier, _partial_=True)(
+            embedding_size=embedding_size, num_classes=datamodule.num_classes, margin=head,
+            rank=trainer.global_rank, world_size=trainer.world_size,
+        )
+    for name, spec in (cfg.get("auxiliary") or {}).items():
+        spec = dict(spec)
+        weight = spec.pop("weight", 1.0)
+        term = instantiate(spec, _partial_=True)()
+        if not isinstance(term, EmbeddingLoss):
+            raise LossError(f"auxiliary.{name}: {spec.get('_target_')} is not a loss on embeddings "
+                            f"(facetrain.losses); margin heads go in loss=")
+        losses[name] = (weight, term)
+    for name, (_, term) in losses.items():
+        term.bind(datamodule.num_classes, embedding_size)
+        if term.needs_identity_batches and datamodule.sampler is None:
+            raise LossError(
+                f"{name} (a {type(term).__name__}) is made of pairs of images of the same "
+                f"identity inside a batch, and random batches hold almost none: add "
+                f"data/sampler=identity_balanced (P identities x K images per batch)"
+            )
+    return head, classifier, losses
+
+
 def train(cfg: DictConfig) -> dict:
     """Run one training job from a composed config; return the final metrics."""
     pl.seed_everything(cfg.seed, workers=True)
@@ -87,14 +123,7 @@ def train(cfg: DictConfig) -> dict:
     if SLURMEnvironment.detect():  # facetrain.preemption requeues; Lightning's own must not too
         plugins.append(SLURMEnvironment(auto_requeue=False))
     trainer = instantiate(cfg.trainer, logger=loggers, callbacks=callbacks, plugins=plugins)
-    head = instantiate(cfg.loss)  # the margin; the class centers live in the classifier
-    # Built outside instantiate, so that a loss the store cannot run (ClassifierError) reaches
-    # the user as one line, not wrapped in Hydra's instantiation error. Rank and world size come
-    # from the trainer: stores may shard.
-    classifier = instantiate(cfg.classifier, _partial_=True)(
-        embedding_size=backbone.embedding_size, num_classes=datamodule.num_classes, margin=head,
-        rank=trainer.global_rank, world_size=trainer.world_size,
-    )
+    head, classifier, losses = build_losses(cfg, backbone.embedding_size, datamodule, trainer)
     model = FaceRecognitionModule(
         backbone,
         head,
@@ -102,6 +131,7 @@ def train(cfg: DictConfig) -> dict:
         optimizer=instantiate(cfg.optimizer),
         scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
         description=describe_model(cfg, backbone.embedding_size, datamodule.num_classes),
+        losses=losses,
         **cfg.model,
     )
 

@@ -11,12 +11,20 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict, read_write
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 import facetrain.cluster  # noqa: F401  the config resolvers, registered as the train main does
 from facetrain.resources import config_dir
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def margin_configs() -> list[Path]:
+    """The files of configs/loss/ that are a margin head on their own (``facetrain.heads``), not
+    metric losses (contrastive, triplet) or combinations (center = softmax + a center term)."""
+    files = sorted(Path(config_dir(), "loss").glob("*.yaml"))
+    return [f for f in files
+            if str(OmegaConf.load(f).get("_target_", "")).startswith("facetrain.heads.")]
 
 
 def run_cli(

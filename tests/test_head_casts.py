@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
+from helpers import margin_configs
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
@@ -19,7 +20,7 @@ from torch import nn
 from facetrain.module import FaceRecognitionModule
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-LOSSES = sorted((CONFIGS / "loss").glob("*.yaml"))
+LOSSES = margin_configs()  # every margin head of configs/loss/
 STORES = sorted((CONFIGS / "classifier").glob("*.yaml"))
 D, C, N = 8, 5, 6
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import margin_configs
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
@@ -15,7 +16,7 @@ from facetrain.backbones import MobileFaceNet
 from facetrain.classifiers import FullClassCenters
 from facetrain.data import FaceDataModule
 
-LOSS_CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs" / "loss").glob("*.yaml"))
+LOSS_CONFIGS = margin_configs()  # every margin head of configs/loss/
 
 
 def build(config: Path, embedding_size: int, num_classes: int, **overrides):

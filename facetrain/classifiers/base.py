@@ -1,8 +1,9 @@
 """What every class-center store does around a margin (docs/heads.md).
 
 A store holds class centers, computes the cosines of a batch to the centers it holds
-(``cosines``), lets the margin turn them into logits and takes the cross-entropy over them.
-The margin (``facetrain.heads``) never sees the weight.
+(``cosines``), lets the margin turn them into logits and takes the cross-entropy over them
+(focal-weighted with ``focal_gamma`` > 0). The margin (``facetrain.heads``) never sees the
+weight.
 """
 
 import math
@@ -12,9 +13,11 @@ import torch
 from torch import nn
 
 from facetrain.heads.base import CenterCosines, Margin, Reduce, clamp_cosine, no_reduce, put_target
+from facetrain.losses.base import LossError
+from facetrain.losses.focal import focal_loss
 
 
-class ClassifierError(ValueError):
+class ClassifierError(LossError):
     """A loss / classifier combination that cannot work; the message says what to choose."""
 
 
@@ -27,16 +30,21 @@ class ClassifierOutput:
 class ClassCenters(nn.Module):
     """Base of the stores: ``name`` is what ``classifier=`` selects and margins list in their
     ``stores``. ``rank`` / ``world_size`` say where this process sits (filled from the trainer);
-    ``sharded`` stores hold a different part of the centers on every rank."""
+    ``sharded`` stores hold a different part of the centers on every rank. ``focal_gamma``:
+    the loss is the focal loss ``−(1 − p)^γ·log p`` of the cross-entropy (0: plain
+    cross-entropy; ``facetrain.losses.focal_loss``)."""
 
     name = ""
     sharded = False
 
     def __init__(
         self, embedding_size: int, num_classes: int, margin: Margin, rank: int = 0,
-        world_size: int = 1,
+        world_size: int = 1, focal_gamma: float = 0.0,
     ):
         super().__init__()
+        if not focal_gamma >= 0:
+            raise ClassifierError(f"classifier.focal_gamma must be >= 0, got {focal_gamma}")
+        self.focal_gamma = float(focal_gamma)
         if self.name not in margin.stores:
             raise ClassifierError(
                 f"loss {type(margin).__name__} (with these settings) runs on "
@@ -60,7 +68,8 @@ class ClassCenters(nn.Module):
         return no_reduce
 
     def cross_entropy(self, logits: torch.Tensor, c: CenterCosines) -> torch.Tensor:
-        return nn.functional.cross_entropy(logits, c.index.view(-1))
+        """The cross-entropy of each row (rows,)."""
+        return nn.functional.cross_entropy(logits, c.index.view(-1), reduction="none")
 
     def forward(
         self, embeddings: torch.Tensor, labels: torch.Tensor, margin: Margin,
@@ -69,7 +78,8 @@ class ClassCenters(nn.Module):
         """The loss of a batch (float32, even under AMP) and, if asked, its statistics."""
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
             c = self.cosines(embeddings, labels, margin)
-            loss = self.cross_entropy(self.margin_logits(c, margin), c)
+            loss = focal_loss(self.cross_entropy(self.margin_logits(c, margin), c),
+                              self.focal_gamma)
             stats = self.summarize(c, margin, embeddings) if statistics else None
         return ClassifierOutput(loss, stats)
 

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from facetrain.classifiers.base import ClassCenters, best_other, margin_statistics
-from facetrain.classifiers.distributed import all_reduce_sum
+from facetrain.distributed import all_reduce_sum
 from facetrain.heads.base import CenterCosines, Margin, Reduce, clamp_cosine
 
 
@@ -21,9 +21,9 @@ class FullClassCenters(ClassCenters):
 
     def __init__(
         self, embedding_size: int, num_classes: int, margin: Margin, rank: int = 0,
-        world_size: int = 1,
+        world_size: int = 1, focal_gamma: float = 0.0,
     ):
-        super().__init__(embedding_size, num_classes, margin, rank, world_size)
+        super().__init__(embedding_size, num_classes, margin, rank, world_size, focal_gamma)
         self.subcenters = margin.centers_per_class
         self.weight = nn.Parameter(torch.empty(num_classes * self.subcenters, embedding_size))
         nn.init.normal_(self.weight, std=0.01)

@@ -30,7 +30,7 @@ from facetrain.classifiers.base import (
     best_other,
     margin_statistics,
 )
-from facetrain.classifiers.distributed import (
+from facetrain.distributed import (
     all_gather_rows,
     all_reduce_sum,
     gather_with_gradient,
@@ -63,9 +63,9 @@ class PartialFC(ClassCenters):
 
     def __init__(
         self, embedding_size: int, num_classes: int, margin: Margin, sample_rate: float = 0.1,
-        rank: int = 0, world_size: int = 1,
+        rank: int = 0, world_size: int = 1, focal_gamma: float = 0.0,
     ):
-        super().__init__(embedding_size, num_classes, margin, rank, world_size)
+        super().__init__(embedding_size, num_classes, margin, rank, world_size, focal_gamma)
         if not 0.0 < sample_rate <= 1.0:
             raise ClassifierError(
                 f"classifier.sample_rate must be in (0, 1], got {sample_rate}"

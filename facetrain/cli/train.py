@@ -8,9 +8,9 @@ import sys
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from facetrain.classifiers import ClassifierError
 from facetrain.cli import silence_library_noise, user_errors
 from facetrain.cluster import set_threads_from_slurm  # also registers the run-folder resolver
+from facetrain.losses import LossError
 from facetrain.module import TrainingError
 from facetrain.resources import config_dir
 from facetrain.train import train
@@ -24,7 +24,7 @@ def main(cfg: DictConfig) -> None:
     log.debug("config:\n%s", OmegaConf.to_yaml(cfg))
     set_threads_from_slurm()  # before the Trainer: its DDP launcher keeps a set OMP_NUM_THREADS
     try:
-        with user_errors("facetrain", config=ClassifierError, training=TrainingError):
+        with user_errors("facetrain", config=LossError, training=TrainingError):
             metrics = train(cfg)
     except KeyboardInterrupt:  # Ctrl-C before training started (after, facetrain.preemption saves)
         print("facetrain: interrupted before the first training step; nothing to save",

@@ -1,11 +1,12 @@
-"""The collectives Partial-FC is made of, with the gradients DDP expects.
+"""The collectives facetrain runs on (Partial-FC's, the module's checks, the center loss's
+update), with the gradients DDP expects.
 
 Every rank computes the same global-batch loss; DDP then *averages* the backbone gradients over
 the ranks. So the all-gather of the embeddings hands each rank the gradient of its own rows
 summed over every rank's shard, times the world size, and the averaged backbone gradient is the
 gradient of the global-batch mean loss (insightface arcface_torch's ``AllGatherFunc`` does the
 same). The sharded cross-entropy reduces the row maximum, the sum of exponentials and the target
-logit over the shards and writes its gradient itself: softmax minus the one-hot target.
+logit over the shards and writes its gradient itself: softmax minus the one-hot target, per row.
 """
 
 import torch
@@ -28,6 +29,16 @@ def all_gather_rows(tensor: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, tensor.contiguous())
     return torch.cat(parts)
+
+
+def all_gather_uneven(tensor: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows concatenated in rank order, without gradient, where ranks may hold
+    different numbers of rows: each pads to the largest count, and the padding is dropped."""
+    counts = all_gather_rows(torch.tensor([tensor.shape[0]], device=tensor.device)).tolist()
+    padded = tensor.new_zeros((max(counts), *tensor.shape[1:]))
+    padded[: tensor.shape[0]] = tensor
+    parts = all_gather_rows(padded.unsqueeze(0))
+    return torch.cat([part[:count] for part, count in zip(parts, counts, strict=True)])
 
 
 class _GatherWithGradient(torch.autograd.Function):
@@ -64,17 +75,18 @@ class _ShardedCrossEntropy(torch.autograd.Function):
         dist.all_reduce(target)  # exactly one rank holds each row's target
         probability = exp.div_(total)
         ctx.save_for_backward(probability, column, held)
-        return (torch.log(total) + row_max - target).mean()
+        return (torch.log(total) + row_max - target).squeeze(1)
 
     @staticmethod
-    def backward(ctx, grad_loss: torch.Tensor):
+    def backward(ctx, grad_rows: torch.Tensor):
         probability, column, held = ctx.saved_tensors
         grad = probability.scatter_add(1, column, -held.to(probability.dtype))
-        return grad * (grad_loss / probability.shape[0]), None
+        return grad * grad_rows.unsqueeze(1), None
 
 
 def sharded_cross_entropy(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Mean softmax cross-entropy of rows whose classes are split over the ranks: ``logits``
-    (global rows, this rank's columns), ``index`` the target column here or -1 where another
-    rank holds it. Equals ``F.cross_entropy`` on the concatenated columns, to float precision."""
+    """Softmax cross-entropy of each row (rows,) whose classes are split over the ranks:
+    ``logits`` (global rows, this rank's columns), ``index`` the target column here or -1 where
+    another rank holds it. Equals ``F.cross_entropy(..., reduction="none")`` on the concatenated
+    columns, to float precision."""
     return _ShardedCrossEntropy.apply(logits, index)

@@ -1,0 +1,84 @@
+"""The metric losses, the center loss, focal and a combination train a real MobileFaceNet through
+the training entry point's library call (``train(cfg)``, as ``python train.py`` runs it) on the
+synthetic faces, and verify held-out identities clearly better than the untrained network."""
+
+import pytest
+import torch
+from helpers import hydra_main_config, tiny_overrides
+
+from facetrain.checkpoint import load_backbone
+from facetrain.data import FaceDataModule
+from facetrain.losses import LossError
+from facetrain.train import train
+
+RUNS = {
+    "contrastive": ["loss=contrastive"],
+    "triplet": ["loss=triplet"],
+    "softmax+center": ["loss=center"],
+    "focal": ["loss=softmax", "classifier.focal_gamma=2"],
+    "arcface+center": ["loss=arcface", "auxiliary=[center]", "loss.scale=16", "loss.margin=0.2"],
+}
+# 32x32 faces, three epochs of 25 steps: seconds per run on 2 cores
+BUDGET = ["trainer.max_epochs=3", "data.image_size=[32,32]", "logger=none",
+          "~callbacks.projector"]
+
+
+def run(faces, run_dir, *overrides):
+    with hydra_main_config("train", *tiny_overrides(faces, run_dir), *BUDGET, *overrides) as cfg:
+        return train(cfg)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_faces, tmp_path_factory):
+    """Every run of RUNS, once: name -> (metrics, run folder)."""
+    results = {}
+    for name, overrides in RUNS.items():
+        run_dir = tmp_path_factory.mktemp("metric") / name
+        results[name] = run(tiny_faces, run_dir, *overrides), run_dir
+    return results
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", RUNS)
+def test_each_loss_learns_to_verify_unseen_identities(trained, name):
+    metrics, _ = trained[name]
+    untrained = metrics["baselines"]["untrained"]["synthetic"]
+    accuracy = metrics["verification"]["synthetic"]["accuracy"]
+    assert accuracy >= untrained + 0.1, f"{name}: {untrained:.3f} untrained -> {accuracy:.3f}"
+    assert metrics["nonfinite_skipped_steps"] == 0
+
+
+@pytest.mark.slow
+def test_the_centers_are_checkpointed_and_sit_at_their_classes(trained, tiny_faces):
+    """The center loss's centers are in the checkpoint, and (an independent check that they are
+    the paper's centers) each class's mean training embedding, computed from the checkpoint's
+    backbone, is nearer its own center than any other class's for most classes."""
+    _, run_dir = trained["arcface+center"]
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    centers = checkpoint["state_dict"]["losses.center.centers"]
+    assert centers.shape == (tiny_faces.num_train_identities, 128)
+
+    backbone, info = load_backbone(run_dir)
+    data = FaceDataModule(str(tiny_faces.train_root), {}, image_size=tuple(info["image_size"]),
+                          batch_size=100, num_workers=0)  # no train_augmentations: plain images
+    data.setup("fit")
+    sums, counts = torch.zeros_like(centers), torch.zeros(len(centers))
+    with torch.no_grad():
+        for images, labels in data.train_dataloader():
+            sums.index_add_(0, labels, backbone(images))
+            counts.index_add_(0, labels, torch.ones(len(labels)))
+    means = sums / counts.unsqueeze(1)
+    nearest = torch.cdist(means, centers).argmin(dim=1)
+    assert (nearest == torch.arange(len(centers))).float().mean() >= 0.8
+
+
+def test_a_metric_loss_without_identity_batches_stops_at_start_up(tiny_faces, tmp_path):
+    with pytest.raises(LossError, match=r"triplet \(a TripletLoss\) is made of pairs .* add "
+                                        r"data/sampler=identity_balanced"):
+        run(tiny_faces, tmp_path / "run", "loss=triplet", "~data/sampler")
+
+
+def test_a_margin_head_is_refused_as_an_auxiliary_term(tiny_faces, tmp_path):
+    with pytest.raises(LossError, match="auxiliary.arc: facetrain.heads.ArcFace is not a loss on "
+                                        "embeddings"):
+        run(tiny_faces, tmp_path / "run", "+auxiliary.arc._target_=facetrain.heads.ArcFace")
