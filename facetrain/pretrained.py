@@ -46,8 +46,8 @@ NOT_IN_TENSORS = {"fp16", "dropout", "zero_init_residual", "pretrained", "_conve
 
 def load_backbone_weights(backbone: nn.Module, source: str | Path) -> str:
     """Load ``source`` (see the module docstring) into ``backbone`` in place; return the one
-    line that says what was loaded, e.g. ``init_from: arcface_torch r50 backbone.pth as
-    IResNet-50 (all 174 tensors)``. Raises :class:`CheckpointError` (one line) otherwise."""
+    line that says what was loaded, e.g. ``init_from: arcface_torch r50 (512-D) backbone.pth as
+    IResNet-50 (all 475 tensors)``. Raises :class:`CheckpointError` (one line) otherwise."""
     text = str(source)
     path = Path(text).expanduser()
     timm_name = _timm_name(text, path)
@@ -63,8 +63,11 @@ def load_backbone_weights(backbone: nn.Module, source: str | Path) -> str:
     state = _unwrap(read_weights(path), path)
     if state is None:  # a facetrain checkpoint under another suffix
         return _load_facetrain(backbone, path)
-    own = backbone.state_dict()
-    if set(state) == set(own):
+    if set(state) == set(backbone.state_dict()):  # torch.save(backbone.state_dict(), path)
+        mismatch = _state_dict_mismatch(backbone, state)
+        if mismatch:
+            raise CheckpointError(f"model.init_from={path}: its tensors are named as the "
+                                  f"configured backbone's ({_name(backbone)}) but {mismatch}")
         _load(backbone, state, f"{path}: ")
         return f"init_from: {path.name} ({_name(backbone)} state dict, all {len(state)} tensors)"
     layout = detect_arcface_torch(state)
@@ -152,7 +155,7 @@ def _load(backbone: nn.Module, state: dict, where: str) -> None:
     try:
         backbone.load_state_dict(state, strict=True)
     except RuntimeError as error:  # what the checks before cannot see, e.g. a dtype it refuses
-        raise CheckpointError(f"{where}{str(error).splitlines()[0]}") from None
+        raise CheckpointError(f"{where}{' '.join(str(error).split())}") from None
 
 
 def _name(backbone: nn.Module) -> str:
@@ -161,7 +164,6 @@ def _name(backbone: nn.Module) -> str:
 
 # arcface_torch state dicts ------------------------------------------------------------------
 
-PARAMETER = r"(weight|bias|running_mean|running_var|num_batches_tracked)"
 # arcface_torch iresnet.py names → facetrain IResNet's (body: stem + units, output: option E).
 IRESNET_TOP = {"conv1": "body.0", "bn1": "body.1", "prelu": "body.2", "bn2": "output.0",
                "fc": "output.3", "features": "output.4"}
@@ -193,26 +195,23 @@ def detect_arcface_torch(state: dict[str, torch.Tensor]) -> ArcFaceTorchLayout |
 def _iresnet_layout(state) -> ArcFaceTorchLayout | None:
     if not {"conv1.weight", "layer1.0.conv1.weight", "fc.weight"} <= set(state):
         return None
-    units = [0, 0, 0, 0]
-    rename = {}
+    parsed = {}  # key → (stage, unit index, module inside the unit, parameter); stage 0: top
     for key in state:
         module, parameter = key.rsplit(".", 1)
-        unit = re.fullmatch(r"layer([1-4])\.(\d+)\.(.+)", module)
-        if unit:
-            stage, index = int(unit[1]) - 1, int(unit[2])
-            units[stage] = max(units[stage], index + 1)
-            if unit[3] not in IRESNET_UNIT:
-                return None
-        elif module not in IRESNET_TOP:
-            return None
-    for key in state:
-        module, parameter = key.rsplit(".", 1)
-        unit = re.fullmatch(r"layer([1-4])\.(\d+)\.(.+)", module)
-        if unit:
-            position = 3 + sum(units[: int(unit[1]) - 1]) + int(unit[2])
-            rename[key] = f"body.{position}.{IRESNET_UNIT[unit[3]]}.{parameter}"
+        if unit := re.fullmatch(r"layer([1-4])\.(\d+)\.(.+)", module):
+            parsed[key] = (int(unit[1]), int(unit[2]), unit[3], parameter)
         else:
-            rename[key] = f"{IRESNET_TOP[module]}.{parameter}"
+            parsed[key] = (0, 0, module, parameter)
+        stage, _, module, _ = parsed[key]
+        if module not in (IRESNET_UNIT if stage else IRESNET_TOP):
+            return None
+    units = [1 + max((i for s, i, _, _ in parsed.values() if s == stage), default=-1)
+             for stage in (1, 2, 3, 4)]
+    rename = {
+        key: f"body.{3 + sum(units[:stage - 1]) + i}.{IRESNET_UNIT[module]}.{parameter}" if stage
+        else f"{IRESNET_TOP[module]}.{parameter}"
+        for key, (stage, i, module, parameter) in parsed.items()
+    }
     embedding_size, flat = state["fc.weight"].shape
     side = round((flat / 512) ** 0.5)  # arcface_torch's FC takes the 512 x 7 x 7 map
     depth = 2 * sum(units) + 2
@@ -234,22 +233,19 @@ def _mbf_layout(state) -> ArcFaceTorchLayout | None:
     # (an empty stack has no tensors). facetrain's features hold the same units flat.
     kinds, units, parsed = {}, {}, {}
     for key in state:
-        if match := re.fullmatch(rf"layers\.(\d+)\.layers\.(\d+)\.{PARAMETER}", key):
-            kind, j, rest = "block", 0, f"{match[2]}.{match[3]}"
-        elif match := re.fullmatch(rf"layers\.(\d+)\.layers\.(\d+)\.layers\.(\d+)\.{PARAMETER}",
-                                   key):
-            kind, j, rest = "unit", 0, f"body.{match[2]}.{match[3]}.{match[4]}"
-        elif match := re.fullmatch(
-                rf"layers\.(\d+)(?:\.layers\.(\d+)){{3}}\.{PARAMETER}", key):
-            parts = key.split(".")
-            kind, j, rest = "stack", int(parts[3]), f"body.{parts[5]}.{parts[7]}.{parts[8]}"
-        else:
-            continue
-        i = int(match[1])
+        *path, parameter = key.split(".")
+        indices = path[1::2]  # (i, m), (i, k, m) or (i, j, k, m)
+        if (len(path) % 2 or not 2 <= len(indices) <= 4 or set(path[0::2]) != {"layers"}
+                or not all(index.isdigit() for index in indices)):
+            continue  # conv_sep and features: below
+        i, *inner = (int(index) for index in indices)
+        kind = {2: "block", 3: "unit", 4: "stack"}[len(indices)]
+        j = inner.pop(0) if kind == "stack" else 0
+        rest = ".".join(map(str, inner)) if kind == "block" else "body." + ".".join(map(str, inner))
         if kinds.setdefault(i, kind) != kind:
             return None
         units[i] = max(units.get(i, 0), j + 1)
-        parsed[key] = (i, j, rest)
+        parsed[key] = (i, j, f"{rest}.{parameter}")
     expected = {0: {"block"}, 1: {"block", "stack"}, 2: {"unit"}, 3: {"stack"}, 4: {"unit"},
                 5: {"stack"}, 6: {"unit"}, 7: {"stack"}}
     if any(kinds.get(i, "stack") not in allowed for i, allowed in expected.items()) \

@@ -107,6 +107,24 @@ def test_the_backbone_to_use_is_read_from_the_file(key):
     assert (suggest_backbone(layout.config), layout.name) == ARCFACE_TORCH[key][2:]
 
 
+def test_the_suggested_overrides_build_a_backbone_the_file_fits(tmp_path):
+    """What a user types after a refusal, composed by Hydra as train.py composes the group."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from facetrain.resources import config_dir
+
+    with initialize_config_dir(config_dir(), version_base="1.3"):
+        for key, (_, _, overrides, _) in ARCFACE_TORCH.items():
+            words = [f"+{word}" if word.startswith("backbone=") else word
+                     for word in overrides.split()]
+            cfg = compose(overrides=[*words, "+data.image_size=[112,112]"])
+            folder = tmp_path / key
+            folder.mkdir()
+            line = load_backbone_weights(instantiate(cfg.backbone), backbone_pth(key, folder))
+            assert line.startswith("init_from: arcface_torch "), key
+
+
 def test_mbf_has_the_parameters_of_arcface_torchs_get_mbf():
     state = arcface_torch_state("mbf")
     buffers = ("running_mean", "running_var", "num_batches_tracked")
@@ -246,6 +264,18 @@ def test_a_facetrain_checkpoint_gives_its_backbone_only(tmp_path):
                     f"not used")
     for key, value in trained.state_dict().items():
         assert torch.equal(backbone.state_dict()[key], value), key
+    torch.save(trained.state_dict(), tmp_path / "weights.pth")  # a facetrain backbone's own
+    backbone = ArcFaceMobileFaceNet(32, (64, 64), blocks=(2, 1, 2, 1), scale=1)
+    line = load_backbone_weights(backbone, tmp_path / "weights.pth")
+    assert line == "init_from: weights.pth (MobileFaceNet-mbf state dict, all 206 tensors)"
+    for key, value in trained.state_dict().items():
+        assert torch.equal(backbone.state_dict()[key], value), key
+    message = refusal(ArcFaceMobileFaceNet(16, (64, 64), blocks=(2, 1, 2, 1), scale=1),
+                      tmp_path / "weights.pth")
+    assert message.endswith("are named as the configured backbone's (MobileFaceNet-mbf) but "
+                            "shape: embedding.3.weight (checkpoint (32, 512), model (16, 512)), "
+                            "embedding.4.weight (checkpoint (32,), model (16,)), embedding.4.bias "
+                            "(checkpoint (32,), model (16,)) and 2 more")
     message = refusal(create("mbf", embedding_size=32, input_size=(64, 64)), tmp_path)
     assert ("its backbone (facetrain.backbones.ArcFaceMobileFaceNet) does not fit the configured "
             "one (MobileFaceNet-mbf): run with backbone=mbf backbone.embedding_size=32 "
