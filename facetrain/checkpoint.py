@@ -172,14 +172,14 @@ def _recorded_best(metrics_file: Path) -> Path | None:
         return None
 
 
-def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """Load a facetrain checkpoint with ``weights_only=True`` and check its metadata."""
-    path = find_checkpoint(path)
+def safe_load(path: Path, map_location: str | torch.device = "cpu", what: str = "checkpoint"):
+    """``torch.load(weights_only=True)``: tensors and plain containers only, never pickled
+    objects (``UnsafeCheckpointError``); an unreadable file is a ``CheckpointError`` naming it as
+    a PyTorch ``what``. Memory-mapped, so a Partial-FC head of millions of classes is never read
+    into memory just to get the backbone (needs the zip format torch.save writes since 1.6)."""
     try:
-        # mmap: a Partial-FC head of millions of classes is never read into memory just to get
-        # the backbone (needs the zip format torch.save writes since 1.6).
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True,
-                                mmap=zipfile.is_zipfile(path))
+        return torch.load(path, map_location=map_location, weights_only=True,
+                          mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as error:
         reason = str(error).strip().splitlines()[0]
         raise UnsafeCheckpointError(
@@ -187,7 +187,13 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             f"which could run code when unpickled ({reason})"
         ) from None
     except (RuntimeError, EOFError, OSError) as error:
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: {error}") from None
+        raise CheckpointError(f"{path} is not a readable PyTorch {what}: {error}") from None
+
+
+def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """Load a facetrain checkpoint with ``weights_only=True`` and check its metadata."""
+    path = find_checkpoint(path)
+    checkpoint = safe_load(path, map_location)
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise CheckpointError(f"{path} is not a Lightning checkpoint (no 'state_dict' entry)")
     metadata = checkpoint.get(METADATA_KEY)
@@ -229,7 +235,7 @@ def check_targets(config: Any, where: str) -> None:
             check_targets(value, where)
 
 
-def _state_dict_mismatch(model: nn.Module, state: Mapping[str, torch.Tensor]) -> str | None:
+def state_dict_mismatch(model: nn.Module, state: Mapping[str, torch.Tensor]) -> str | None:
     """The first missing, unexpected or differently shaped tensors, or None when they fit."""
     own = model.state_dict()
     missing = [k for k in own if k not in state]
@@ -268,7 +274,7 @@ def check_resume(checkpoint: Mapping, description: Mapping, model: nn.Module) ->
         for key in ("backbone", "loss", "auxiliary", "embedding_size", "num_classes"):
             if key in description:
                 differences += config_differences(stored, {key: description[key]})
-    mismatch = _state_dict_mismatch(model, checkpoint["state_dict"])
+    mismatch = state_dict_mismatch(model, checkpoint["state_dict"])
     changed = "; ".join(differences) or "no facetrain description in the checkpoint"
     if mismatch:
         raise CheckpointError(
@@ -318,7 +324,7 @@ def load_backbone(
         key.removeprefix("backbone."): value
         for key, value in checkpoint["state_dict"].items() if key.startswith("backbone.")
     }
-    mismatch = _state_dict_mismatch(backbone, state)
+    mismatch = state_dict_mismatch(backbone, state)
     if mismatch:
         raise CheckpointError(
             f"{path}: the stored weights do not fit the backbone rebuilt from the stored config "

@@ -18,9 +18,7 @@ file whose tensors do not fit the configured backbone is refused with one line n
 first mismatching tensors and, for a recognised architecture, the ``backbone=`` that fits it.
 """
 
-import pickle
 import re
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,10 +31,10 @@ from facetrain.backbones.iresnet import UNITS_PER_STAGE
 from facetrain.checkpoint import (
     METADATA_KEY,
     CheckpointError,
-    UnsafeCheckpointError,
-    _state_dict_mismatch,
     find_checkpoint,
     read_checkpoint,
+    safe_load,
+    state_dict_mismatch,
 )
 
 WEIGHT_FILES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt", ".tar")
@@ -64,7 +62,7 @@ def load_backbone_weights(backbone: nn.Module, source: str | Path) -> str:
     if state is None:  # a facetrain checkpoint under another suffix
         return _load_facetrain(backbone, path)
     if set(state) == set(backbone.state_dict()):  # torch.save(backbone.state_dict(), path)
-        mismatch = _state_dict_mismatch(backbone, state)
+        mismatch = state_dict_mismatch(backbone, state)
         if mismatch:
             raise CheckpointError(f"model.init_from={path}: its tensors are named as the "
                                   f"configured backbone's ({_name(backbone)}) but {mismatch}")
@@ -75,10 +73,10 @@ def load_backbone_weights(backbone: nn.Module, source: str | Path) -> str:
         raise CheckpointError(
             f"model.init_from={path}: its {len(state)} tensors are neither the configured "
             f"backbone's ({_name(backbone)}) nor an arcface_torch iresnet / mbf state dict; first "
-            f"mismatching tensors: {_state_dict_mismatch(backbone, state)}"
+            f"mismatching tensors: {state_dict_mismatch(backbone, state)}"
         )
     mapped = {layout.rename[key]: value for key, value in state.items()}
-    mismatch = _state_dict_mismatch(backbone, mapped)
+    mismatch = state_dict_mismatch(backbone, mapped)
     if mismatch:
         raise CheckpointError(
             f"model.init_from={path} holds an arcface_torch {layout.name}, which the configured "
@@ -101,17 +99,7 @@ def read_weights(path: Path) -> dict:
             return load_file(path)
         except Exception as error:  # safetensors raises its own SafetensorError
             raise CheckpointError(f"{path} is not a readable safetensors file: {error}") from None
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True,
-                          mmap=zipfile.is_zipfile(path))
-    except pickle.UnpicklingError as error:
-        reason = str(error).strip().splitlines()[0]
-        raise UnsafeCheckpointError(
-            f"refusing to load {path}: it holds objects other than tensors and plain containers, "
-            f"which could run code when unpickled ({reason})"
-        ) from None
-    except (RuntimeError, EOFError, OSError) as error:
-        raise CheckpointError(f"{path} is not a readable PyTorch file: {error}") from None
+    return safe_load(path, what="file")
 
 
 def _unwrap(loaded, path: Path) -> dict[str, torch.Tensor] | None:
@@ -137,7 +125,7 @@ def _load_facetrain(backbone: nn.Module, path: Path) -> str:
     stored = checkpoint[METADATA_KEY]
     state = {key.removeprefix("backbone."): value
              for key, value in checkpoint["state_dict"].items() if key.startswith("backbone.")}
-    mismatch = _state_dict_mismatch(backbone, state)
+    mismatch = state_dict_mismatch(backbone, state)
     if mismatch:
         config = dict(stored.get("backbone") or {})
         raise CheckpointError(
@@ -363,7 +351,7 @@ def _load_timm(backbone: nn.Module, name: str) -> str:
     body = timm.create_model(name, pretrained=True, num_classes=0,
                              pretrained_cfg_overlay={"file": str(file)}, **backbone.model_kwargs)
     state = body.state_dict()
-    mismatch = _state_dict_mismatch(backbone.body, state)
+    mismatch = state_dict_mismatch(backbone.body, state)
     if mismatch:
         raise CheckpointError(f"model.init_from=timm:{name}: its weights do not fit the body of "
                               f"{_name(backbone)}: {mismatch}")

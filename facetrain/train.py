@@ -14,7 +14,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
+from hydra.utils import instantiate, to_absolute_path
 from lightning_fabric.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig
 from torch import nn
@@ -25,6 +25,7 @@ from facetrain.evaluation import evaluate_pairs
 from facetrain.losses import EmbeddingLoss, LossError
 from facetrain.module import FaceRecognitionModule
 from facetrain.preemption import Interrupted, Preemption
+from facetrain.pretrained import load_backbone_weights
 from facetrain.resume import CHECKPOINT_FOLDER, RandomState, resume_checkpoint
 
 log = logging.getLogger(__name__)
@@ -106,6 +107,10 @@ def train(cfg: DictConfig) -> dict:
     ckpt_path = resume_checkpoint(cfg.ckpt_path, cfg.get("resume"), output_dir)
 
     backbone = instantiate(cfg.backbone)  # a bad model config fails before data is touched
+    model_options = dict(cfg.model)
+    init_from = model_options.pop("init_from", None)
+    if init_from and ckpt_path is None:  # a resumed run has its own weights
+        log.info(load_backbone_weights(backbone, to_absolute_path(str(init_from))))
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("fit")
@@ -132,7 +137,7 @@ def train(cfg: DictConfig) -> dict:
         scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
         description=describe_model(cfg, backbone.embedding_size, datamodule.num_classes),
         losses=losses,
-        **cfg.model,
+        **model_options,
     )
 
     metrics: dict = {"status": "finished"}

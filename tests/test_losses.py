@@ -269,3 +269,34 @@ def test_focal_gradient_is_finite_for_confident_rows():
     assert torch.isfinite(confident.grad).all()
     with pytest.raises(LossError, match="focal_gamma must be >= 0"):
         FullClassCenters(6, 5, Softmax(), focal_gamma=-1)
+
+
+def center_batch(rank: int):
+    """Rank-dependent batches of different sizes (3 and 5 rows), sharing classes."""
+    return embeddings(10 + rank, 3 + 2 * rank, 3), torch.tensor([0, 2, 2, 1, 2][: 3 + 2 * rank])
+
+
+def center_step_on_rank(rank: int, world_size: int, init_file: str, results) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                                         world_size=world_size)
+    try:
+        loss = CenterLoss(alpha=0.5)
+        loss.bind(num_classes=4, embedding_size=3)
+        loss(*center_batch(rank))
+        results[rank] = loss.centers.tolist()
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_under_ddp_every_rank_takes_the_center_step_of_the_global_batch(tmp_path):
+    results = torch.multiprocessing.Manager().dict()
+    torch.multiprocessing.spawn(center_step_on_rank, args=(2, str(tmp_path / "init"), results),
+                                nprocs=2, join=True)
+    (x0, y0), (x1, y1) = center_batch(0), center_batch(1)
+    zeros = [[0.0] * 3 for _ in range(4)]
+    expected = torch.tensor(center_step_by_formula(zeros, torch.cat([x0, x1]), torch.cat([y0, y1]),
+                                                   0.5))
+    for rank in range(2):
+        assert torch.allclose(torch.tensor(results[rank]), expected, atol=1e-6)
+    local = torch.tensor(center_step_by_formula(zeros, x0, y0, 0.5))
+    assert not torch.allclose(local, expected, atol=1e-3)  # a per-rank step would differ
