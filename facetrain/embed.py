@@ -24,6 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 from torch.utils.data import DataLoader
 
+from facetrain.align.inputs import image_list
 from facetrain.checkpoint import CheckpointError, load_backbone
 from facetrain.data.image_list import ImageListDataset, collate_readable, list_images
 from facetrain.data.images import DatasetError
@@ -173,7 +174,9 @@ def embed_from_config(cfg: DictConfig) -> EmbeddedImages:
         )
     backbone, info = load_backbone(cfg.checkpoint)
     root, paths = list_images(cfg.images)
-    dataset = ImageListDataset(root, paths, preprocessing(info))
+    # align=true: the images are photos; each is detected and aligned first (facetrain.align).
+    dataset = image_list(cfg.get("align", False), info["image_size"], root, paths,
+                         preprocessing(info))
     output_dir = Path(cfg.output or HydraConfig.get().runtime.output_dir)
     device = resolve_device(cfg.device)
     log.info(

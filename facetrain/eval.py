@@ -19,6 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
+from facetrain.align.inputs import aligning_transform
 from facetrain.checkpoint import CheckpointError, load_backbone
 from facetrain.data.images import DatasetError
 from facetrain.data.pairs import open_verification_set
@@ -77,7 +78,11 @@ def evaluate_checkpoint(
     transform = preprocessing(info)
     results = {}
     for name, spec in select_sets(cfg, info, optional=ijb is not None).items():
-        dataset = open_verification_set(name, spec, transform)
+        # align=true: the sets' images are photos, detected and aligned first (IJB ships
+        # its own landmarks and aligns with them).
+        pairs_transform = aligning_transform(cfg.get("align", False), info["image_size"],
+                                             transform)
+        dataset = open_verification_set(name, spec, pairs_transform)
         loader = DataLoader(dataset, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                             pin_memory=device.type == "cuda")
         start = time.perf_counter()

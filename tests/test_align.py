@@ -357,3 +357,69 @@ def test_align_with_the_detector(mtcnn, tmp_path):
     assert float(rows["person/face.png"]["score"]) > 0.7
     assert rows["person/blank.png"]["faces"] == "0"
     assert cv2.imread(str(tmp_path / "dst" / "person" / "face.png")).shape == (112, 112, 3)
+
+
+# --- align=true in facetrain-embed / facetrain-eval
+
+
+def test_align_option_picks_the_template():
+    from facetrain.align.inputs import template_for
+    from facetrain.data.images import DatasetError
+
+    assert template_for(False, [112, 112]) is None and template_for("false", [64, 64]) is None
+    assert template_for(True, [112, 96]) == "sphereface_112x96"
+    assert template_for(True, [64, 64]) == "arcface_112x112"  # then resized to 64x64
+    assert template_for("sphereface_112x96", [112, 112]) == "sphereface_112x96"
+    with pytest.raises(DatasetError, match="align=bogus"):
+        template_for("bogus", [112, 112])
+
+
+def test_verification_images_are_aligned_or_used_whole(mtcnn):
+    """eval's transform: the largest face's crop; an image without a face passes unchanged."""
+    from facetrain.align.inputs import aligning_transform
+
+    transform = aligning_transform(True, [112, 112], lambda image: {"image": image})
+    rng = np.random.default_rng(1001)
+    photo, _ = draw_photo(sample_traits(rng), rng, 256)
+    expected = align_face(photo, mtcnn.detect(photo)[0].landmarks)
+    np.testing.assert_array_equal(transform(image=photo)["image"], expected)
+    blank = np.full((90, 90, 3), 200, np.uint8)
+    assert transform(image=blank)["image"] is blank and transform.unaligned == 1
+
+
+def test_embed_cli_aligns_photos(trained_run, mtcnn, tmp_path):
+    """facetrain-embed align=true: a row per photo with a face, equal to the backbone's
+    embedding of its aligned crop (detected and warped here, resized and normalised with
+    OpenCV); the blank photo is skipped and listed."""
+    import torch
+    import torch.nn.functional as F
+
+    from facetrain.checkpoint import load_backbone
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    photos = {}
+    for k in range(3):
+        rng = np.random.default_rng(1002 + k)
+        photos[f"{k}.png"], _ = draw_photo(sample_traits(rng), rng, 256)
+        cv2.imwrite(str(folder / f"{k}.png"), photos[f"{k}.png"][..., ::-1])
+    cv2.imwrite(str(folder / "blank.png"), np.full((120, 120, 3), 60, np.uint8))
+    out = tmp_path / "out"
+    done = run_cli("embed", f"checkpoint={trained_run}", f"images={folder}", "align=true",
+                   f"output={out}", "num_workers=0", "progress=false",
+                   f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (out / "skipped.txt").read_text() == "blank.png\tno face\n"
+    index = (out / "index.txt").read_text().split()
+    assert index == [name for name in sorted(photos) if mtcnn.detect(photos[name])]
+    backbone, info = load_backbone(trained_run)
+    height, width = info["image_size"]
+    rows = []
+    for name in index:
+        crop = align_face(photos[name], mtcnn.detect(photos[name])[0].landmarks)
+        crop = cv2.resize(crop, (width, height), interpolation=cv2.INTER_LINEAR) / np.float32(255)
+        crop = (crop - np.float32(info["mean"])) / np.float32(info["std"])
+        rows.append(torch.from_numpy(crop.transpose(2, 0, 1).astype(np.float32)))
+    with torch.no_grad():
+        expected = F.normalize(backbone.eval()(torch.stack(rows)), dim=1).numpy()
+    np.testing.assert_allclose(np.load(out / "embeddings.npy"), expected, atol=2e-4)

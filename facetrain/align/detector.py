@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from facetrain.align.faces import Face
+from facetrain.data.images import DatasetError
 
 WEIGHTS_PACKAGE = "facenet-pytorch==2.5.2"  # the [align] extra; its files, not its code
 INSTALL_HINT = (
@@ -28,8 +29,9 @@ INSTALL_HINT = (
 )
 
 
-class DetectorError(RuntimeError):
-    """The detector cannot run here; the message says what to install."""
+class DetectorError(DatasetError):
+    """The detector cannot run here; the message says what to install. A DatasetError, so
+    every entry point reports it in one line (images that need a detector cannot be read)."""
 
 
 def weights_dir() -> Path:

@@ -8,7 +8,6 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from facetrain.align.detector import DetectorError
 from facetrain.align.pipeline import AlignConfigError, AlignOptions, align_images
 from facetrain.cli import silence_library_noise, user_errors
 from facetrain.resources import config_dir
@@ -47,7 +46,7 @@ def align_from_config(cfg: DictConfig):
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="align")
 def _main(cfg: DictConfig) -> None:
     silence_library_noise()
-    with user_errors("facetrain-align", config=AlignConfigError, detector=DetectorError):
+    with user_errors("facetrain-align", config=AlignConfigError):
         align_from_config(cfg)
 
 
