@@ -387,6 +387,7 @@ def test_verification_images_are_aligned_or_used_whole(mtcnn):
     assert transform(image=blank)["image"] is blank and transform.unaligned == 1
 
 
+@pytest.mark.slow  # needs the session's trained run
 def test_embed_cli_aligns_photos(trained_run, mtcnn, tmp_path):
     """facetrain-embed align=true: a row per photo with a face, equal to the backbone's
     embedding of its aligned crop (detected and warped here, resized and normalised with
