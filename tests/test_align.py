@@ -296,6 +296,16 @@ def test_cli_end_to_end_and_one_line_errors(photos, tmp_path):
     assert message.startswith("facetrain-align: data error: ") and f"{bad}:2:" in message
 
 
+def test_without_the_detector_the_install_step_is_named(photos, tmp_path, monkeypatch):
+    """No weights installed: one error before any image, naming the extra to install."""
+    from facetrain.align import detector
+
+    monkeypatch.setattr(detector.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(detector.DetectorError, match=r'pip install -e "\.\[align\]"'):
+        align_images(photos[0], tmp_path / "dst", workers=0, progress=False)
+    assert not (tmp_path / "dst").exists()
+
+
 # --- the detector: only where the [align] extra (facenet-pytorch's weight files) is installed
 
 
