@@ -143,6 +143,8 @@ class MarginHistograms(Callback):
         stats = outputs.get("statistics")
         if stats is None:
             stats = pl_module.head_statistics(outputs["embeddings"], batch[1])
+        if stats is None:  # metric losses only: no class centers, no angles to them
+            return
         # Rank 0 writes, at the step Lightning logs this batch's scalars at.
         if trainer.is_global_zero:
             for name in ("theta_y", "theta_max_negative"):
