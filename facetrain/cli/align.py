@@ -46,8 +46,13 @@ def align_from_config(cfg: DictConfig):
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="align")
 def _main(cfg: DictConfig) -> None:
     silence_library_noise()
-    with user_errors("facetrain-align", config=AlignConfigError):
-        align_from_config(cfg)
+    try:
+        with user_errors("facetrain-align", config=AlignConfigError):
+            align_from_config(cfg)
+    except KeyboardInterrupt:  # what is done is in the report: the same command resumes
+        print("facetrain-align: interrupted; run the same command again to resume",
+              file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 def positional_overrides(argv: list[str]) -> list[str]:
