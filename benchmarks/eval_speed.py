@@ -29,8 +29,9 @@ from facetrain.eval import evaluate
 from facetrain.resources import config_dir
 
 
-def write_checkpoint(path: Path, pairs_file: str, image_size: int) -> None:
-    """A checkpoint shaped like a training run's: backbone weights plus facetrain's description."""
+def write_checkpoint(path: Path, pairs_file: str | None, image_size: int) -> None:
+    """A checkpoint shaped like a training run's: backbone weights plus facetrain's description
+    (validated on ``pairs_file``, or on no set when None)."""
     backbone = MobileFaceNet(embedding_size=128, input_size=(image_size, image_size))
     description = {
         "version": 1,
@@ -38,7 +39,7 @@ def write_checkpoint(path: Path, pairs_file: str, image_size: int) -> None:
                      "input_size": [image_size, image_size]},
         "loss": None, "embedding_size": 128, "num_classes": 0,
         "data": {"image_size": [image_size] * 2, "mean": [0.5] * 3, "std": [0.5] * 3,
-                 "verification": {"bench": pairs_file}},
+                 "verification": {"bench": pairs_file} if pairs_file else {}},
     }
     state = {f"backbone.{k}": v for k, v in backbone.state_dict().items()}
     torch.save({"state_dict": state, "facetrain": description}, path)

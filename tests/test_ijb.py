@@ -314,6 +314,18 @@ def test_eval_cli_prints_and_writes_the_ijb_table_beside_a_verification_set(
     assert curve_pixels(pixels, "#1f77b4") > 100 and curve_pixels(pixels, "#ff7f0e") > 100
 
 
+def test_a_checkpoint_without_verification_sets_evaluates_ijb_alone(
+    synthetic_ijb, checkpoint, tmp_path
+):
+    metrics = evaluate(eval_config(f"checkpoint={checkpoint}", f"ijb.root={synthetic_ijb.root}",
+                                   "ijb.identification=false", f"output={tmp_path}"))
+    reported = metrics["checkpoints"]["model"]
+    assert reported["sets"] == {} and reported["ijb"]["identification"] is None
+    assert reported["ijb"]["verification"]["num_pairs"] == 435
+    assert json.loads((tmp_path / "metrics.json").read_text())["checkpoints"] == json.loads(
+        json.dumps(metrics["checkpoints"]))
+
+
 # What a broken IJB folder says.
 
 
@@ -362,6 +374,10 @@ def test_malformed_face_lists_and_1n_lists(broken):
     saved = landmarks.read_text()
     edit_line(landmarks, 2, "2.jpg 1 2 3 4 5 6 7 8 9 0.9")  # 10 numbers, not 11
     with pytest.raises(DatasetError, match=r"ijbc_name_5pts_score\.txt:2: expected '<image> x1"):
+        open_ijb(broken, "IJBC")
+    landmarks.write_text(saved)
+    edit_line(landmarks, 3, "3.jpg 1 2 3 4 nan 6 7 8 9 10 0.9")
+    with pytest.raises(DatasetError, match=r"pts_score\.txt:3: expected.* got '3\.jpg 1 2 3 4 nan"):
         open_ijb(broken, "IJBC")
     landmarks.write_text(saved)
     media = meta / "ijbc_face_tid_mid.txt"

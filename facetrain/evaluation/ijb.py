@@ -82,30 +82,33 @@ class IJBProtocol:
     probes: tuple[np.ndarray, np.ndarray] | None = None
 
     def faces(self, transform=None) -> "AlignedFaces":
-        return AlignedFaces(self, transform)
+        return AlignedFaces(self.folder / "loose_crop", self.images, self.landmarks,
+                            self.face_list, self.face_lines, transform)
 
 
 class AlignedFaces(Dataset):
-    """The protocol's faces warped onto the arcface template, as (image, row index)."""
+    """Faces warped by their landmarks onto the arcface template, as (image, row index). Holds
+    only what a loader worker needs (not IJB-C's 15.7M pairs)."""
 
-    def __init__(self, protocol: IJBProtocol, transform=None):
-        self.protocol = protocol
+    def __init__(self, root: Path, images: list[str], landmarks: np.ndarray, face_list: Path,
+                 face_lines: np.ndarray, transform=None):
+        self.root, self.images, self.landmarks = root, images, landmarks
+        self.face_list, self.face_lines = face_list, face_lines
         self.transform = transform
-        self.root = protocol.folder / "loose_crop"
 
     def __len__(self) -> int:
-        return len(self.protocol.images)
+        return len(self.images)
 
     def __getitem__(self, index: int):
-        path = self.root / self.protocol.images[index]
+        path = self.root / self.images[index]
         try:
             image = read_rgb(path)
         except (FileNotFoundError, *DECODE_ERRORS) as error:
             raise DatasetError(
                 f"cannot read IJB image {path} ({type(error).__name__}: {error}), listed at "
-                f"{self.protocol.face_list}:{self.protocol.face_lines[index]}"
+                f"{self.face_list}:{self.face_lines[index]}"
             ) from None
-        face = align_face(image, self.protocol.landmarks[index], TEMPLATE)
+        face = align_face(image, self.landmarks[index], TEMPLATE)
         if self.transform is not None:
             face = self.transform(image=face)["image"]
         return face, index
@@ -121,7 +124,7 @@ def _existing(path: Path, what: str) -> Path:
 
 
 def _numbered_lines(path: Path):
-    """(line number, fields) of each non-blank line."""
+    """(line number, fields, line) of each non-blank line."""
     with open(path, errors="replace") as file:
         for number, line in enumerate(file, start=1):
             fields = line.split()
@@ -136,21 +139,27 @@ def read_face_list(path: Path) -> tuple[list[str], np.ndarray, np.ndarray, np.nd
         try:
             if len(fields) != 12:
                 raise ValueError
-            numbers = [float(value) for value in fields[1:]]
-            if not np.isfinite(numbers).all():
-                raise ValueError
+            values.append([float(value) for value in fields[1:]])
         except ValueError:
-            raise DatasetError(
-                f"{path}:{number}: expected '<image> x1 y1 x2 y2 x3 y3 x4 y4 x5 y5 <faceness>' "
-                f"(a name and 11 finite numbers), got {line!r}"
-            ) from None
+            raise _face_line_error(path, number, line) from None
         names.append(fields[0])
-        values.append(numbers)
         lines.append(number)
     if not names:
         raise DatasetError(f"IJB face list {path} lists no faces")
     values = np.array(values, dtype=np.float32)
+    infinite = np.flatnonzero(~np.isfinite(values).all(axis=1))
+    if len(infinite):
+        number = lines[infinite[0]]
+        raise _face_line_error(path, number, next(t for n, _, t in _numbered_lines(path)
+                                                  if n == number))
     return names, values[:, :10].reshape(-1, 5, 2), values[:, 10], np.array(lines)
+
+
+def _face_line_error(path: Path, number: int, line: str) -> DatasetError:
+    return DatasetError(
+        f"{path}:{number}: expected '<image> x1 y1 x2 y2 x3 y3 x4 y4 x5 y5 <faceness>' (a name "
+        f"and 11 finite numbers), got {line!r}"
+    )
 
 
 def read_template_media(path: Path) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
@@ -172,10 +181,10 @@ def read_template_media(path: Path) -> tuple[list[str], np.ndarray, np.ndarray, 
     return names, ids[:, 0], ids[:, 1], np.array(lines)
 
 
-def read_template_pairs(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``template_pair_label``: (pairs (P, 2) template ids, same (P,), line numbers). IJB-C has
-    15.7 million lines: numpy parses them, and only a file it rejects is read line by line to
-    name the first bad line."""
+def read_template_pairs(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """``template_pair_label``: (pairs (P, 2) template ids, same (P,)). IJB-C has 15.7 million
+    lines: numpy parses them, and only a file it rejects is read line by line to name the
+    first bad line."""
     _existing(path, "template pair list")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "input contained no data"
@@ -201,7 +210,7 @@ def read_template_pairs(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]
         raise DatasetError(
             f"IJB template pair list {path} needs both same (1) and different (0) pairs"
         )
-    return table[:, :2], same, _line_numbers(path)
+    return table[:, :2], same
 
 
 def _is_int(value: str) -> bool:
@@ -254,14 +263,15 @@ def read_subject_list(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     )
 
 
-def _require_known(ids: np.ndarray, known: np.ndarray, path: Path, lines: np.ndarray,
-                   media_list: Path) -> None:
-    """Every template id in ``ids`` (one row per line of ``path``) has faces, or name the first
-    line with one that has none."""
-    ids = ids.reshape(len(lines), -1)
+def _require_known(ids: np.ndarray, known: np.ndarray, path: Path, media_list: Path,
+                   lines: np.ndarray | None = None) -> None:
+    """Every template id in ``ids`` (a row per non-blank line of ``path``, at ``lines``; found
+    only when needed) has faces, or name the first line with one that has none."""
+    ids = ids.reshape(len(ids), -1)
     unknown = ~np.isin(ids, known)
     if unknown.any():
         row = int(np.flatnonzero(unknown.any(axis=1))[0])
+        lines = _line_numbers(path) if lines is None else lines
         raise DatasetError(
             f"{path}:{lines[row]}: template {int(ids[row][unknown[row]][0])} has no face in "
             f"{media_list}"
@@ -314,9 +324,9 @@ def open_ijb(root: str | Path, name: str = "IJBC", identification: bool | str = 
             f"{media_list}:{media_lines[i]} names {media_names[i]!r} but {face_list}:"
             f"{face_lines[i]} names {names[i]!r}; line i of the two files must be the same face"
         )
-    pairs, same, pair_lines = read_template_pairs(pair_list)
+    pairs, same = read_template_pairs(pair_list)
     known = np.unique(templates)
-    _require_known(pairs, known, pair_list, pair_lines, media_list)
+    _require_known(pairs, known, pair_list, media_list)
 
     images = folder / "loose_crop"
     missing = [i for i, image in enumerate(names) if not (images / image).is_file()]
@@ -333,7 +343,7 @@ def open_ijb(root: str | Path, name: str = "IJBC", identification: bool | str = 
         read = []
         for path in lists:
             ids, subjects, lines = read_subject_list(path)
-            _require_known(ids, known, path, lines, media_list)
+            _require_known(ids, known, path, media_list, lines)
             read.append((ids, subjects))
         galleries = dict(zip(gallery_names, read[:2], strict=True))
         probes = read[2]
