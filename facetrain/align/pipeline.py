@@ -166,11 +166,9 @@ def _unreadable(path: Path, error: Exception) -> str:
 _ALIGNER: FaceAligner | None = None
 
 
-def _init_worker(options: AlignOptions, torch_threads: int | None) -> None:
+def _init_worker(options: AlignOptions) -> None:
     global _ALIGNER
     _ALIGNER = FaceAligner(options)
-    if torch_threads is not None and "torch" in sys.modules:
-        sys.modules["torch"].set_num_threads(torch_threads)
 
 
 def _align_one(job: tuple[str, str, str, list[Face] | None]) -> list[dict]:
@@ -360,12 +358,11 @@ def _run(jobs: list, options: AlignOptions, workers: int | None) -> Iterator[lis
             os.cpu_count() or 1)
     workers = min(workers, len(jobs))
     if workers <= 1:
-        _init_worker(options, None)
+        _init_worker(options)
         yield from map(_align_one, jobs)
         return
     # fork: workers start in milliseconds and inherit the imports; the parent never runs
     # torch, so no thread pool is forked. Elsewhere (macOS, Windows) fork is unsafe: spawn.
     context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
-    with context.Pool(workers, _init_worker, (options, 1)) as pool:
-        # torch threads = 1 per worker: the processes already use every core.
+    with context.Pool(workers, _init_worker, (options,)) as pool:
         yield from pool.imap_unordered(_align_one, jobs, chunksize=4)
