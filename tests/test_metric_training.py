@@ -2,14 +2,21 @@
 the training entry point's library call (``train(cfg)``, as ``python train.py`` runs it) on the
 synthetic faces, and verify held-out identities clearly better than the untrained network."""
 
+from pathlib import Path
+from types import SimpleNamespace
+
 import pytest
 import torch
 from helpers import hydra_main_config, tiny_overrides
 
 from facetrain.checkpoint import load_backbone
 from facetrain.data import FaceDataModule
-from facetrain.losses import LossError
-from facetrain.train import train
+from facetrain.heads import NormFace, Softmax
+from facetrain.losses import CenterLoss, LossError, TripletLoss
+from facetrain.resources import config_dir
+from facetrain.train import build_losses, train
+
+LOSSES = sorted(p.stem for p in Path(config_dir(), "loss").glob("*.yaml"))
 
 RUNS = {
     "contrastive": ["loss=contrastive"],
@@ -101,3 +108,29 @@ def test_a_margin_head_is_refused_as_an_auxiliary_term(tiny_faces, tmp_path):
     with pytest.raises(LossError, match="auxiliary.arc: facetrain.heads.ArcFace is not a loss on "
                                         "embeddings"):
         run(tiny_faces, tmp_path / "run", "+auxiliary.arc._target_=facetrain.heads.ArcFace")
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_every_loss_config_builds_and_gives_a_finite_loss(loss, tmp_path):
+    """Every configs/loss/ file as train.py builds it (the metric ones without class centers),
+    and a loss with a finite gradient on a P x K batch."""
+    with hydra_main_config("train", f"loss={loss}", f"hydra.run.dir={tmp_path}") as cfg:
+        data = SimpleNamespace(num_classes=4, sampler=cfg.data.get("sampler"))
+        head, classifier, losses = build_losses(
+            cfg, 16, data, SimpleNamespace(global_rank=0, world_size=1))
+    assert (head is None) == (classifier is None) == (loss in ("contrastive", "triplet"))
+    if loss == "center":  # softmax + the center term
+        assert isinstance(head, Softmax) and isinstance(losses["center"][1], CenterLoss)
+    if loss == "triplet":
+        assert isinstance(losses["triplet"][1], TripletLoss)
+    if loss == "normface_triplet":
+        assert isinstance(head, NormFace) and head.agent_loss == "triplet"
+    embeddings = torch.randn(8, 16, requires_grad=True)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    total = classifier(embeddings, labels, head).loss if classifier is not None else 0
+    extra = head.extra_loss() if head is not None else None
+    total = total + (extra if extra is not None else 0)
+    for weight, term in losses.values():
+        total = total + weight * term(embeddings, labels).loss
+    total.backward()
+    assert torch.isfinite(total) and torch.isfinite(embeddings.grad).all()
