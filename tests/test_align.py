@@ -254,6 +254,8 @@ def test_resume_skips_written_outputs(photos, tmp_path):
     with pytest.raises(AlignConfigError, match="another alignment"):
         align_images(root, dst, AlignOptions(template="sphereface_112x96"), landmarks=table,
                      workers=0, progress=False)
+    with pytest.raises(AlignConfigError, match="inside SRC"):
+        align_images(root, root / "aligned", landmarks=table, workers=0, progress=False)
     redone = align_images(root, dst, AlignOptions(template="sphereface_112x96"),
                           landmarks=table, workers=0, overwrite=True, progress=False)
     assert redone.crops == len(truth) and cv2.imread(str(dst / deleted)).shape == (112, 96, 3)

@@ -301,8 +301,8 @@ def align_images(
         raise AlignConfigError(f"workers={workers}: give 0 or more (0 and 1: no extra process)")
     root, paths = list_images(src)
     dst = Path(dst).expanduser()
-    if dst.resolve() == root.resolve():
-        raise AlignConfigError(f"DST {dst} is SRC; give a new folder for the aligned crops")
+    if dst.resolve().is_relative_to(root.resolve()):  # a rerun would align the crops again
+        raise AlignConfigError(f"DST {dst} is inside SRC {root}; give a folder outside it")
     entries = read_landmarks(landmarks) if landmarks is not None else None
     if entries is None:
         from facetrain.align.detector import weights_dir
