@@ -143,8 +143,9 @@ def test_semihard_falls_back_to_the_farthest_hard_negative():
 
 # -- batches with nothing to learn from --------------------------------------------------------
 
-@pytest.mark.parametrize("loss", [ContrastiveLoss(), TripletLoss(), TripletLoss(mining="batch_hard")],
-                         ids=["contrastive", "semihard", "batch_hard"])
+@pytest.mark.parametrize(
+    "loss", [ContrastiveLoss(), TripletLoss(), TripletLoss(mining="batch_hard")],
+    ids=["contrastive", "semihard", "batch_hard"])
 @pytest.mark.parametrize("labels", [torch.arange(6), torch.zeros(6, dtype=torch.long)],
                          ids=["no-positive", "no-negative"])
 def test_a_batch_without_pairs_gives_zero_and_a_finite_gradient(loss, labels):
