@@ -19,8 +19,6 @@ import torch
 import torch.nn.functional as F
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -30,6 +28,7 @@ from facetrain.data.image_list import ImageListDataset, collate_readable, list_i
 from facetrain.data.images import DatasetError
 from facetrain.data.transforms import build_transform
 from facetrain.evaluation import embed
+from facetrain.progress import image_progress
 
 log = logging.getLogger(__name__)
 
@@ -61,13 +60,6 @@ class EmbeddedImages:
     count: int
     dimension: int
     skipped: list[tuple[str, str]] = field(default_factory=list)
-
-
-def _progress() -> Progress:
-    return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("images"), TimeRemainingColumn(), console=Console(stderr=True),
-    )
 
 
 @torch.no_grad()
@@ -108,7 +100,7 @@ def embed_images(
     embedded: list[str] = []
     skipped: list[tuple[str, str]] = []
     try:
-        with _progress() as bar:
+        with image_progress() as bar:
             task = bar.add_task("embedding", total=len(dataset), visible=progress)
             for indices, images, failed in loader:
                 skipped.extend((dataset.paths[index], why) for index, why in failed)

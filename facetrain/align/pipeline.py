@@ -23,8 +23,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 from PIL import Image
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from facetrain.align.faces import SELECTIONS, Face, select_faces
 from facetrain.align.landmarks import LandmarkEntry, image_key, read_landmarks
@@ -32,6 +30,7 @@ from facetrain.align.templates import TEMPLATES
 from facetrain.align.transform import align_face
 from facetrain.data.image_list import list_images
 from facetrain.data.images import DECODE_ERRORS, check_image_header, read_rgb
+from facetrain.progress import image_progress
 
 REPORT_NAME = "align_report.tsv"
 REPORT_COLUMNS = ("file", "faces", "chosen", "score", "landmarks", "output", "skipped")
@@ -241,14 +240,6 @@ class AlignResult:
     seconds: float = 0.0
 
 
-def _progress(enabled: bool) -> Progress:
-    return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("images"), TimeRemainingColumn(), console=Console(stderr=True),
-        disable=not enabled,
-    )
-
-
 def _jobs(
     root: Path, paths: list[str], dst: Path, entries: dict[str, LandmarkEntry] | None
 ) -> list[tuple[str, str, str, list[Face] | None]]:
@@ -332,7 +323,7 @@ def align_images(
         out.writelines(_row_line(row) + "\n" for row in carried)
 
     results: dict[str, list[dict]] = {}
-    with _progress(progress) as bar, report.open("a") as out:
+    with image_progress(progress) as bar, report.open("a") as out:
         task = bar.add_task("aligning", total=len(jobs), completed=len(jobs) - len(todo))
         for rows in _run(todo, options, workers):
             results[rows[0]["file"]] = rows
