@@ -59,8 +59,20 @@ def test_template_fusion_hand_computed():
     np.testing.assert_allclose(unweighted[1], np.array([3.5, 4.5]) / np.hypot(3.5, 4.5))
 
     pairs = np.array([[7, 3], [3, 3]])
-    np.testing.assert_allclose(template_pair_scores(ids, features, pairs, chunk=1),
+    np.testing.assert_allclose(template_pair_scores(ids, features, pairs),
                                [expected_7 @ expected_3, 1.0])
+
+
+@pytest.mark.parametrize("num_pairs", [3, 400])  # few pairs: rows gathered; many: GEMM blocks
+def test_template_pair_scores_are_the_dot_products(num_pairs):
+    rng = np.random.default_rng(num_pairs)
+    features = rng.standard_normal((100, 8))
+    ids = np.arange(100) * 3 + 1
+    pairs = rng.integers(0, 100, (num_pairs, 2))
+    direct = [features[a] @ features[b] for a, b in pairs]
+    for block_entries in (100, 2**25):  # a GEMM per template, or one for all
+        scores = template_pair_scores(ids, features, ids[pairs], block_entries=block_entries)
+        np.testing.assert_allclose(scores, direct, rtol=1e-12)
 
 
 def test_tar_at_far_on_constructed_scores():
