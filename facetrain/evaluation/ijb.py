@@ -31,8 +31,10 @@ fraction of mated searches whose subject is among the k best (a tie with another
 against it). TPIR at FPIR: the fraction of mated searches whose subject is ranked first with a
 score >= t, at the lowest threshold t where the fraction of non-mated searches whose best score
 is >= t is at most the FPIR. Reported per gallery and as the mean of the two. (insightface's
-``ijb_1n.py`` instead joins G1 and G2 into one closed-set gallery, so its "FPIR" counts
-non-mated gallery entries of mated searches; its numbers are not comparable with these.)
+``ijb_1n.py``, which AdaFace reuses, joins G1 and G2 into one closed-set gallery instead: every
+search is mated, its "FPIR" counts non-mate gallery scores of those searches and its TPIR does
+not ask for rank 1, so its TPIR numbers are not comparable with these; its CMC is over the
+joined gallery.)
 """
 
 import logging
