@@ -19,7 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from facetrain.align.inputs import aligning_transform
+from facetrain.align.inputs import aligning_transform, template_for
 from facetrain.checkpoint import CheckpointError, load_backbone
 from facetrain.data.images import DatasetError
 from facetrain.data.pairs import open_verification_set
@@ -109,6 +109,8 @@ def evaluate_checkpoint(
             batch_size=cfg.batch_size, num_workers=cfg.num_workers, device=device,
             channels_last=cfg.channels_last, far_targets=tuple(cfg.ijb.far_targets),
             fpir_targets=tuple(cfg.ijb.fpir_targets), ranks=tuple(cfg.ijb.ranks),
+            # 112x112 (the published protocol); a 112x96 SphereFace model gets its own template
+            template=template_for(True, info["image_size"]),
         )
     return {"info": info, "sets": results, "ijb": ijb_result}
 

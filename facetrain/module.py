@@ -497,7 +497,9 @@ class FaceRecognitionModule(pl.LightningModule):
                 f"is {labels.flatten()[0].item()!r}): make the training loader yield integer "
                 f"labels (a loader giving float labels, as DALI does, needs labels.long())"
             )
-        if labels.numel() == 0 or self.classifier is None:  # metric losses only compare labels
+        # Without class centers only pair and triplet losses train (a center loss needs a head):
+        # they compare labels, never index by them.
+        if labels.numel() == 0 or self.classifier is None:
             return
         extremes = torch.stack([labels.min(), labels.max()]).long()
         if is_distributed():

@@ -202,7 +202,7 @@ def _iresnet_layout(state) -> ArcFaceTorchLayout | None:
     }
     embedding_size, flat = state["fc.weight"].shape
     side = round((flat / 512) ** 0.5)  # arcface_torch's FC takes the 512 x 7 x 7 map
-    depth = 2 * sum(units) + 2
+    depth = ARCFACE_DEPTHS.get(tuple(units), 2 * sum(units) + 2)  # iresnet200 has 198 layers
     config = {"_target_": "facetrain.backbones.IResNet", "depth": depth,
               "embedding_size": int(embedding_size), "input_size": [16 * side, 16 * side]}
     name = f"r{depth}" if tuple(units) in ARCFACE_DEPTHS else f"iresnet layers={units}"

@@ -72,8 +72,9 @@ def build_losses(cfg: DictConfig, embedding_size: int, datamodule, trainer: pl.T
     Hydra's instantiation error. Rank and world size come from the trainer: stores may shard."""
     loss = instantiate(cfg.loss, _partial_=True)()
     losses, head, classifier = {}, None, None
+    choice = HydraConfig.get().runtime.choices.get("loss") or "metric"
     if isinstance(loss, EmbeddingLoss):
-        losses[HydraConfig.get().runtime.choices.get("loss") or "metric"] = (1.0, loss)
+        losses[choice] = (1.0, loss)
     else:  # a margin: the class centers live in the classifier
         head = loss
         classifier = instantiate(cfg.classifier, _partial_=True)(
@@ -87,9 +88,19 @@ def build_losses(cfg: DictConfig, embedding_size: int, datamodule, trainer: pl.T
         if not isinstance(term, EmbeddingLoss):
             raise LossError(f"auxiliary.{name}: {spec.get('_target_')} is not a loss on embeddings "
                             f"(facetrain.losses); margin heads go in loss=")
+        if name in losses:
+            raise LossError(f"auxiliary.{name}: the name is taken by loss={choice}; give the "
+                            f"extra term another name (+auxiliary.{name}_2=...) or drop one")
         losses[name] = (weight, term)
+    if choice == "center" and "center" not in losses:  # auxiliary=[...] replaced its term
+        raise LossError("loss=center is softmax + auxiliary=[center], and auxiliary=[...] "
+                        "replaced that term: add terms with +auxiliary=[...] instead")
     for name, (_, term) in losses.items():
         term.bind(datamodule.num_classes, embedding_size)
+        if term.needs_classification and head is None:
+            raise LossError(f"{name} (a {type(term).__name__}) pulls embeddings to class centers "
+                            f"and collapses without a classification loss beside it: use it with "
+                            f"a margin head, e.g. loss=softmax auxiliary=[{name}]")
         if term.needs_identity_batches and datamodule.sampler is None:
             raise LossError(
                 f"{name} (a {type(term).__name__}) is made of pairs of images of the same "

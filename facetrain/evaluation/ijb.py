@@ -83,20 +83,21 @@ class IJBProtocol:
     galleries: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     probes: tuple[np.ndarray, np.ndarray] | None = None
 
-    def faces(self, transform=None) -> "AlignedFaces":
+    def faces(self, transform=None, template: str = TEMPLATE) -> "AlignedFaces":
         return AlignedFaces(self.folder / "loose_crop", self.images, self.landmarks,
-                            self.face_list, self.face_lines, transform)
+                            self.face_list, self.face_lines, transform, template)
 
 
 class AlignedFaces(Dataset):
-    """Faces warped by their landmarks onto the arcface template, as (image, row index). Holds
-    only what a loader worker needs (not IJB-C's 15.7M pairs)."""
+    """Faces warped by their landmarks onto ``template`` (the arcface one the published IJB
+    numbers use, or the one of a checkpoint's input size), as (image, row index). Holds only
+    what a loader worker needs (not IJB-C's 15.7M pairs)."""
 
     def __init__(self, root: Path, images: list[str], landmarks: np.ndarray, face_list: Path,
-                 face_lines: np.ndarray, transform=None):
+                 face_lines: np.ndarray, transform=None, template: str = TEMPLATE):
         self.root, self.images, self.landmarks = root, images, landmarks
         self.face_list, self.face_lines = face_list, face_lines
-        self.transform = transform
+        self.transform, self.template = transform, template
 
     def __len__(self) -> int:
         return len(self.images)
@@ -110,7 +111,7 @@ class AlignedFaces(Dataset):
                 f"cannot read IJB image {path} ({type(error).__name__}: {error}), listed at "
                 f"{self.face_list}:{self.face_lines[index]}"
             ) from None
-        face = align_face(image, self.landmarks[index], TEMPLATE)
+        face = align_face(image, self.landmarks[index], self.template)
         if self.transform is not None:
             face = self.transform(image=face)["image"]
         return face, index
@@ -496,14 +497,14 @@ def evaluate_ijb(
     protocol: IJBProtocol, backbone: nn.Module, transform, *, flip: bool = True,
     faceness: bool = True, batch_size: int = 128, num_workers: int = 2,
     device: str | torch.device = "cpu", channels_last: bool = False,
-    far_targets=FAR_TARGETS, fpir_targets=FPIR_TARGETS, ranks=RANKS,
+    far_targets=FAR_TARGETS, fpir_targets=FPIR_TARGETS, ranks=RANKS, template: str = TEMPLATE,
 ) -> dict:
     """1:1 verification (and 1:N when the protocol has its lists) of ``backbone`` on an IJB
-    set; ``transform`` takes the aligned 112x112 RGB crop to the backbone's input (the
+    set; ``transform`` takes the RGB crop aligned onto ``template`` to the backbone's input (the
     checkpoint's resize and normalisation). Returns the metrics plus ``scores`` (P,) and
     ``roc`` (far, tar), which are not JSON."""
     device = torch.device(device)
-    loader = DataLoader(protocol.faces(transform), batch_size=batch_size,
+    loader = DataLoader(protocol.faces(transform, template), batch_size=batch_size,
                         num_workers=num_workers, pin_memory=device.type == "cuda")
     log.info("%s: embedding %d faces of %d templates", protocol.name, len(protocol.images),
              len(np.unique(protocol.templates)))

@@ -26,12 +26,14 @@ class EmbeddingLoss(nn.Module):
 
     ``needs_identity_batches``: the loss is made of pairs or triplets inside the batch, so every
     batch must hold several images of each of its identities (P×K batches,
-    ``data/sampler=identity_balanced``); a run without them stops at start-up. State (the
+    ``data/sampler=identity_balanced``); a run without them stops at start-up.
+    ``needs_classification``: the term is meaningless alone (the center loss). State (the
     center loss's centers) lives in buffers: checkpointed, resumed, and put back with the rest
     of the model when a non-finite step is skipped.
     """
 
     needs_identity_batches = True
+    needs_classification = False  # True: only beside a head's cross-entropy (loss=...)
 
     def bind(self, num_classes: int, embedding_size: int) -> None:
         """Called once before training with the number of classes and the embedding size."""

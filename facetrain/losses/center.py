@@ -3,7 +3,7 @@
 import torch
 import torch.nn.functional as F
 
-from facetrain.distributed import all_gather_uneven, is_distributed
+from facetrain.distributed import all_gather_rows, is_distributed
 from facetrain.losses.base import EmbeddingLoss, LossError, LossOutput
 
 
@@ -25,6 +25,7 @@ class CenterLoss(EmbeddingLoss):
     """
 
     needs_identity_batches = False
+    needs_classification = True  # alone it collapses: every embedding onto its center
 
     def __init__(self, alpha: float = 0.5, normalize: bool = False):
         super().__init__()
@@ -48,9 +49,11 @@ class CenterLoss(EmbeddingLoss):
     @torch.no_grad()
     def update(self, features: torch.Tensor, labels: torch.Tensor) -> None:
         """The paper's center step on a batch (of every rank, under DDP)."""
-        if is_distributed():
-            features, labels = all_gather_uneven(features), all_gather_uneven(labels)
-        counts = torch.bincount(labels, minlength=self.centers.shape[0])
+        if is_distributed():  # training batches are the same size on every rank
+            features, labels = all_gather_rows(features), all_gather_rows(labels)
+        # per-class counts without a host sync (bincount reads the largest label back on CUDA)
+        counts = self.centers.new_zeros(self.centers.shape[0]).index_add_(
+            0, labels, torch.ones_like(labels, dtype=self.centers.dtype))
         # row i's share of Δc_{y_i}: index_add_ sums the shares of a class's images
         shares = (self.centers[labels] - features) / (1.0 + counts[labels]).unsqueeze(1)
         self.centers.index_add_(0, labels, shares, alpha=-self.alpha)
