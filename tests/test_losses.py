@@ -214,6 +214,24 @@ def test_center_loss_and_update_follow_the_paper_over_two_steps():
     assert loss.centers[3].abs().sum() > 0 and loss.centers[4].abs().sum() > 0
 
 
+def test_a_skipped_step_puts_the_centers_back():
+    """The module's non-finite skip restores every buffer the forward moved: the centers too."""
+    from facetrain.module import FaceRecognitionModule
+
+    backbone = torch.nn.Linear(6, 3)
+    backbone.embedding_size = 3
+    center = CenterLoss()
+    center.bind(4, 3)
+    model = FaceRecognitionModule(backbone, None, None, torch.optim.SGD,
+                                  losses={"center": (0.003, center)})
+    model._snapshot_buffers()  # as before every step's first forward
+    before = center.centers.clone()
+    model.losses["center"](embeddings(0, 4, 3), torch.tensor([0, 1, 1, 3]))
+    assert not torch.equal(center.centers, before)
+    model._restore_buffers()  # as a skipped step does
+    assert torch.equal(center.centers, before)
+
+
 def test_center_loss_gradient_goes_to_the_embeddings_only():
     loss = CenterLoss()
     loss.bind(3, 4)

@@ -8,11 +8,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 from helpers import hydra_main_config, tiny_overrides
+from hydra.utils import instantiate
 
 from facetrain.checkpoint import load_backbone
 from facetrain.data import FaceDataModule
 from facetrain.heads import NormFace, Softmax
 from facetrain.losses import CenterLoss, LossError, TripletLoss
+from facetrain.module import FaceRecognitionModule
 from facetrain.resources import config_dir
 from facetrain.train import build_losses, train
 
@@ -85,6 +87,17 @@ def test_the_centers_are_checkpointed_and_sit_at_their_classes(trained, tiny_fac
     centers = checkpoint["state_dict"]["losses.center.centers"]
     assert centers.shape == (tiny_faces.num_train_identities, 128)
 
+    # a model built again as train.py builds it takes the checkpoint back, centers included
+    overrides = [*tiny_overrides(tiny_faces, run_dir), *BUDGET, *RUNS["arcface+center"]]
+    with hydra_main_config("train", *overrides) as cfg:
+        backbone = instantiate(cfg.backbone)
+        data = SimpleNamespace(num_classes=tiny_faces.num_train_identities, sampler=None)
+        head, classifier, losses = build_losses(cfg, backbone.embedding_size, data,
+                                                SimpleNamespace(global_rank=0, world_size=1))
+    model = FaceRecognitionModule(backbone, head, classifier, torch.optim.SGD, losses=losses)
+    model.load_state_dict(checkpoint["state_dict"])  # strict: every tensor has its place
+    assert torch.equal(model.losses["center"].centers, centers) and centers.abs().sum() > 0
+
     backbone, info = load_backbone(run_dir)
     data = FaceDataModule(str(tiny_faces.train_root), {}, image_size=tuple(info["image_size"]),
                           batch_size=100, num_workers=0)  # no train_augmentations: plain images
@@ -135,3 +148,24 @@ def test_every_loss_config_builds_and_gives_a_finite_loss(loss, tmp_path):
         total = total + weight * term(embeddings, labels).loss
     total.backward()
     assert torch.isfinite(total) and torch.isfinite(embeddings.grad).all()
+
+
+def built(tmp_path, *overrides):
+    with hydra_main_config("train", *overrides, f"hydra.run.dir={tmp_path}") as cfg:
+        data = SimpleNamespace(num_classes=4, sampler=cfg.data.get("sampler"))
+        return build_losses(cfg, 16, data, SimpleNamespace(global_rank=0, world_size=1))
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["loss=center", "auxiliary=[triplet]"], r"loss=center is softmax \+ auxiliary=\[center\], "
+     r"and auxiliary=\[...\] replaced that term: add terms with \+auxiliary=\[...\] instead"),
+    (["loss=triplet", "auxiliary=[triplet]"], r"auxiliary.triplet: the name is taken by "
+     r"loss=triplet"),
+    (["loss=triplet", "+auxiliary=[center]"], r"center \(a CenterLoss\) pulls embeddings to "
+     r"class centers and collapses without a classification loss beside it"),
+])
+def test_a_combination_that_would_drop_or_misuse_a_term_is_refused(tmp_path, overrides, message):
+    with pytest.raises(LossError, match=message):
+        built(tmp_path, *overrides)
+    _, _, losses = built(tmp_path, "loss=center", "+auxiliary=[triplet]")  # what works instead
+    assert set(losses) == {"center", "triplet"}

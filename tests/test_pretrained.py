@@ -24,6 +24,7 @@ from facetrain.backbones import (
     count_parameters,
     create,
 )
+from facetrain.backbones.iresnet import UNITS_PER_STAGE
 from facetrain.checkpoint import UnsafeCheckpointError, describe_model
 from facetrain.cli import user_errors
 from facetrain.pretrained import detect_arcface_torch, load_backbone_weights, suggest_backbone
@@ -132,27 +133,33 @@ def test_mbf_has_the_parameters_of_arcface_torchs_get_mbf():
     assert count_parameters(create("mbf")) == arcface_torch == 2_059_520
 
 
-def arcface_torch_r50_names() -> list[str]:
-    """The tensor names of arcface_torch's r50 (units 3, 4, 14, 3), from those of the fixture's
-    one-unit-per-stage network: later units of a stage repeat the first without downsample."""
-    units = {"layer1": 3, "layer2": 4, "layer3": 14, "layer4": 3}
+def arcface_torch_names(units: tuple[int, int, int, int]) -> list[str]:
+    """The tensor names of an arcface_torch iresnet with ``units`` per stage, from those of the
+    fixture's one-unit-per-stage network: later units of a stage repeat the first without
+    downsample."""
+    stages = {f"layer{i + 1}": count for i, count in enumerate(units)}
     names = []
     for name in map(str, fixture()["iresnet.names"]):
         stage, _, rest = name.partition(".0.")  # layer<N>.0.<tensor>
         names.append(name)
-        if stage in units and not rest.startswith("downsample"):
-            names += [f"{stage}.{i}.{rest}" for i in range(1, units[stage])]
+        if stage in stages and not rest.startswith("downsample"):
+            names += [f"{stage}.{i}.{rest}" for i in range(1, stages[stage])]
     return names
 
 
-def test_arcface_torch_r50_is_iresnet50():
+# arcface_torch's get_model names: r18 ... r200 (whose layers (6, 26, 60, 6) are 198 deep)
+@pytest.mark.parametrize(("depth", "units"), sorted(UNITS_PER_STAGE.items()))
+def test_every_arcface_torch_iresnet_is_its_iresnet_config(depth, units):
     with torch.device("meta"):
-        ours = IResNet(50).state_dict()
-        state = {name: torch.empty(0) for name in arcface_torch_r50_names()}
+        ours = IResNet(depth).state_dict()
+        state = {name: torch.empty(0) for name in arcface_torch_names(units)}
     state["fc.weight"] = torch.empty(512, 512 * 7 * 7, device="meta")
     layout = detect_arcface_torch(state)
-    assert layout.name == "r50 (512-D)" and suggest_backbone(layout.config) == "backbone=iresnet50"
-    assert set(layout.rename.values()) == set(ours) and len(state) == len(ours) == 475
+    assert layout.name == f"r{depth} (512-D)"
+    assert suggest_backbone(layout.config) == f"backbone=iresnet{depth}"
+    assert set(layout.rename.values()) == set(ours) and len(state) == len(ours)
+    if depth == 50:
+        assert len(ours) == 475
 
 
 # Refusals: one line, naming the tensors and what to run instead.
