@@ -271,6 +271,7 @@ def check_resume(checkpoint: Mapping, description: Mapping, model: nn.Module) ->
     stored = checkpoint.get(METADATA_KEY)
     differences = []
     if isinstance(stored, Mapping):
+        stored = {"auxiliary": {}, **stored}  # written before auxiliary loss terms existed
         for key in ("backbone", "loss", "auxiliary", "embedding_size", "num_classes"):
             if key in description:
                 differences += config_differences(stored, {key: description[key]})
