@@ -29,7 +29,7 @@ DEFAULT_BUDGET = [
 METRIC_RUNS = {
     "arcface": ["loss=arcface"],
     "softmax": ["loss=softmax"],
-    "focal (softmax, γ=2)": ["loss=softmax", "classifier.focal_gamma=2"],
+    "focal (softmax, gamma 2)": ["loss=softmax", "classifier.focal_gamma=2"],
     "softmax + center": ["loss=center"],
     "arcface + center": ["loss=arcface", "auxiliary=[center]"],
     "contrastive": ["loss=contrastive"],
@@ -53,7 +53,8 @@ def main() -> None:
     width = max(map(len, runs)) + 2
     print(f"{'run':<{width}}{'accuracy':>18}{'AUC':>8}{'untrained':>11}{'minutes':>9}")
     for name, choice in runs.items():
-        run_dir = Path(args.output) / "".join(c if c.isalnum() else "_" for c in name)
+        folder = "".join(c if c.isascii() and c.isalnum() else "_" for c in name)  # Hydra-safe
+        run_dir = Path(args.output) / folder
         start = time.perf_counter()
         result = subprocess.run(
             [sys.executable, str(REPO / "train.py"), *choice, f"hydra.run.dir={run_dir}",
