@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from full_head import full_head
+from helpers import margin_configs
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
@@ -31,7 +32,7 @@ from facetrain.heads import (
 )
 
 CONFIG_DIR = Path(__file__).parents[1] / "configs" / "loss"
-LOSS_CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))
+LOSS_CONFIGS = margin_configs()  # every margin head of configs/loss/
 N, D, C = 6, 8, 5
 # Angles (radians) of constructed embeddings to their class center: they reach every psi piece
 # for m = 2, 3, 4, both sides of pi - m for the angular margins and of the combined-margin limit.

@@ -1,19 +1,19 @@
 """Margin heads against independent float64 computations of the formulas in docs/heads.md."""
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from full_head import full_head
+from helpers import margin_configs
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from facetrain.heads import ArcFace, Margin, Softmax
 
-LOSS_CONFIGS = sorted((Path(__file__).parents[1] / "configs" / "loss").glob("*.yaml"))
+LOSS_CONFIGS = margin_configs()  # every margin head of configs/loss/
 
 
 def unit_rows(a: np.ndarray) -> np.ndarray:
