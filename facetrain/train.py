@@ -22,6 +22,7 @@ from torch import nn
 from facetrain.checkpoint import AtomicCheckpointIO, describe_model
 from facetrain.data import LoadFailureReport
 from facetrain.evaluation import evaluate_pairs
+from facetrain.finetune import FineTuning
 from facetrain.losses import EmbeddingLoss, LossError
 from facetrain.module import FaceRecognitionModule
 from facetrain.preemption import Interrupted, Preemption
@@ -118,7 +119,8 @@ def train(cfg: DictConfig) -> dict:
     ckpt_path = resume_checkpoint(cfg.ckpt_path, cfg.get("resume"), output_dir)
 
     backbone = instantiate(cfg.backbone)  # a bad model config fails before data is touched
-    model_options = dict(cfg.model)
+    fine_tuning = FineTuning.from_config(cfg)  # model.freeze_*, backbone_lr_scale: checked now
+    model_options = fine_tuning.module_options(cfg)
     init_from = model_options.pop("init_from", None)
     if init_from and ckpt_path is None:  # a resumed run has its own weights
         log.info(load_backbone_weights(backbone, to_absolute_path(str(init_from))))
@@ -134,7 +136,7 @@ def train(cfg: DictConfig) -> dict:
     ]
     callbacks.append(LoadFailureReport())  # images that failed to decode, once per epoch
     preemption = Preemption(output_dir / CHECKPOINT_FOLDER)
-    callbacks += [RandomState(), preemption]
+    callbacks += [RandomState(), preemption, *fine_tuning.callbacks()]
     plugins = [AtomicCheckpointIO()]
     if SLURMEnvironment.detect():  # facetrain.preemption requeues; Lightning's own must not too
         plugins.append(SLURMEnvironment(auto_requeue=False))
@@ -144,7 +146,7 @@ def train(cfg: DictConfig) -> dict:
         backbone,
         head,
         classifier,
-        optimizer=instantiate(cfg.optimizer),
+        optimizer=fine_tuning.optimizer(instantiate(cfg.optimizer), backbone),
         scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
         description=describe_model(cfg, backbone.embedding_size, datamodule.num_classes),
         losses=losses,
