@@ -291,8 +291,9 @@ def test_focal_gradient_is_finite_for_confident_rows():
 
 
 def center_batch(rank: int):
-    """Rank-dependent batches of different sizes (3 and 5 rows), sharing classes."""
-    return embeddings(10 + rank, 3 + 2 * rank, 3), torch.tensor([0, 2, 2, 1, 2][: 3 + 2 * rank])
+    """Each rank's batch (the same size on every rank, as the training samplers give), sharing
+    classes across the ranks."""
+    return embeddings(10 + rank, 4, 3), torch.tensor([[0, 2, 2, 1], [2, 3, 0, 2]][rank])
 
 
 def center_step_on_rank(rank: int, world_size: int, init_file: str, results) -> None:
