@@ -1,4 +1,9 @@
-"""Learning-rate schedules stepped every optimizer step, built as ``f(optimizer, total_steps)``.
+"""Optimizers at the batch their paper states, and learning-rate schedules stepped every
+optimizer step, built as ``f(optimizer, total_steps)``.
+
+A paper's learning rate holds for its batch (SphereFace: 0.1 at 256). ``optimizer.lr`` given
+with ``optimizer.reference_batch`` is that pair, and the run's rate is scaled to its own global
+batch (``optimizer_for_batch``).
 
 A schedule's length is fixed when the run starts and saved with its state: resuming with
 settings that would change it (``trainer.max_epochs``, the batch size, the number of processes)
@@ -10,12 +15,57 @@ import logging
 import math
 from collections.abc import Callable, Sequence
 
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
 from facetrain.checkpoint import CheckpointError
 
 log = logging.getLogger(__name__)
+
+# How the learning rate follows the batch: the rate at a global batch B is lr × rule(B / B_ref).
+# linear: SGD (Goyal et al. 2017, "Accurate, Large Minibatch SGD": the update of k small steps
+# equals one k-times larger step at k-times the rate). sqrt: Adam/AdamW (Malladi et al. 2022,
+# "On the SDEs and Scaling Rules for Adaptive Gradient Algorithms": the square-root rule keeps
+# an adaptive method's trajectory). none: the rate as given, whatever the batch.
+BATCH_SCALING = {"linear": lambda ratio: ratio, "sqrt": math.sqrt, "none": lambda ratio: 1.0}
+
+
+class OptimizerConfigError(ValueError):
+    """A learning-rate setting that cannot be used; printed as one line."""
+
+
+def optimizer_for_batch(config: DictConfig, global_batch: int) -> tuple[Callable, str]:
+    """The optimizer factory of ``config`` (an ``optimizer=`` group node, ``_partial_``) with its
+    learning rate scaled to ``global_batch``, and the start-up line that says how.
+
+    ``reference_batch`` (null: the rate as given) and ``batch_scaling`` (a key of
+    ``BATCH_SCALING``) are facetrain's keys, not the optimizer's: they are taken out before the
+    optimizer is built."""
+    options = OmegaConf.to_container(config, resolve=True)
+    reference = options.pop("reference_batch", None)
+    rule = options.pop("batch_scaling", "none")
+    if rule not in BATCH_SCALING:
+        raise OptimizerConfigError(
+            f"optimizer.batch_scaling={rule!r}: not a rule; use one of {', '.join(BATCH_SCALING)}"
+        )
+    if reference is not None and (
+            not isinstance(reference, int) or isinstance(reference, bool) or reference < 1):
+        raise OptimizerConfigError(
+            f"optimizer.reference_batch={reference!r}: the global batch the learning rate is "
+            f"stated for must be a positive whole number of images (e.g. 256), or null"
+        )
+    if reference is None or rule == "none":
+        return instantiate(options), f"learning rate {options['lr']:g} at global batch " \
+            f"{global_batch} (as given: optimizer.reference_batch={reference}, " \
+            f"batch_scaling={rule})"
+    base = options["lr"]
+    options["lr"] = base * BATCH_SCALING[rule](global_batch / reference)
+    return instantiate(options), (
+        f"learning rate {options['lr']:.6g} = {base:g} at batch {reference} scaled to the global "
+        f"batch {global_batch} ({rule} rule; optimizer.reference_batch={reference})"
+    )
 
 
 class FixedLengthSchedule(LambdaLR):
@@ -84,5 +134,25 @@ def warmup_multistep(
 
     def factor(step: int) -> float:
         return _warmup(step, warmup_steps) * gamma ** sum(step >= b for b in boundaries)
+
+    return FixedLengthSchedule(optimizer, factor, total_steps, extend_on_resume)
+
+
+def warmup_poly(
+    optimizer: Optimizer,
+    total_steps: int,
+    power: float = 2.0,
+    warmup_fraction: float = 0.0,
+    extend_on_resume: bool = False,
+) -> FixedLengthSchedule:
+    """Linear warm-up over ``warmup_fraction`` of training, then polynomial decay
+    ``(1 - progress) ** power`` to 0: insightface arcface_torch's ``PolyScheduler`` (power 2)."""
+    warmup_steps = max(1, round(warmup_fraction * total_steps))
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return _warmup(step, warmup_steps)
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return (1 - progress) ** power
 
     return FixedLengthSchedule(optimizer, factor, total_steps, extend_on_resume)

@@ -25,6 +25,7 @@ from facetrain.evaluation import evaluate_pairs
 from facetrain.finetune import FineTuning
 from facetrain.losses import EmbeddingLoss, LossError
 from facetrain.module import FaceRecognitionModule
+from facetrain.optim import optimizer_for_batch
 from facetrain.preemption import Interrupted, Preemption
 from facetrain.pretrained import load_backbone_weights
 from facetrain.resume import CHECKPOINT_FOLDER, RandomState, resume_checkpoint
@@ -142,11 +143,15 @@ def train(cfg: DictConfig) -> dict:
         plugins.append(SLURMEnvironment(auto_requeue=False))
     trainer = instantiate(cfg.trainer, logger=loggers, callbacks=callbacks, plugins=plugins)
     head, classifier, losses = build_losses(cfg, backbone.embedding_size, datamodule, trainer)
+    # data.batch_size is per process: the optimizer sees the batch of every process and step
+    global_batch = datamodule.batch_size * trainer.world_size * trainer.accumulate_grad_batches
+    optimizer, learning_rate = optimizer_for_batch(cfg.optimizer, global_batch)
+    log.info(learning_rate)
     model = FaceRecognitionModule(
         backbone,
         head,
         classifier,
-        optimizer=fine_tuning.optimizer(instantiate(cfg.optimizer), backbone),
+        optimizer=fine_tuning.optimizer(optimizer, backbone),
         scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
         description=describe_model(cfg, backbone.embedding_size, datamodule.num_classes),
         losses=losses,

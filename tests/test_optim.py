@@ -1,4 +1,4 @@
-"""Learning-rate schedules and atomic checkpoint writes."""
+"""Learning rates at a reference batch, learning-rate schedules, atomic checkpoint writes."""
 
 import math
 
@@ -7,7 +7,15 @@ import pytest
 import torch
 
 from facetrain.checkpoint import AtomicCheckpointIO
-from facetrain.optim import warmup_cosine, warmup_multistep
+from omegaconf import OmegaConf
+
+from facetrain.optim import (
+    OptimizerConfigError,
+    optimizer_for_batch,
+    warmup_cosine,
+    warmup_multistep,
+    warmup_poly,
+)
 
 BASE_LR = 0.1
 
@@ -65,6 +73,53 @@ def test_warmup_multistep_with_warmup():
     assert rates[:4] == pytest.approx([0.025, 0.05, 0.075, 0.1])
     assert rates[4:20] == pytest.approx([0.1] * 16)
     assert rates[20:] == pytest.approx([0.05] * 20)
+
+
+def test_warmup_poly_is_arcface_torch_poly_scheduler():
+    # arcface_torch's PolyScheduler: linear warm-up from 0, then base * (1 - t / T) ** 2 with t,
+    # T counted after the warm-up.
+    total, warmup = 50, 5
+    rates = learning_rates(lambda opt: warmup_poly(opt, total, warmup_fraction=0.1), total)
+    assert rates[:5] == pytest.approx([0.02, 0.04, 0.06, 0.08, 0.1])
+    for step in (5, 17, 30, 49):
+        assert rates[step] == pytest.approx(BASE_LR * (1 - (step - warmup) / 45) ** 2)
+
+
+def optimizer_config(**keys):
+    return OmegaConf.create({"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.1,
+                             "momentum": 0.9, **keys})
+
+
+@pytest.mark.parametrize(("rule", "batch", "expected"), [
+    ("linear", 32, 0.1 * 32 / 256),  # the issue's SphereFace run: 0.0125 learns, 0.1 is NaN
+    ("linear", 1024, 0.4),
+    ("sqrt", 64, 0.05),  # 0.1 * sqrt(64 / 256)
+    ("none", 32, 0.1),
+])
+def test_learning_rate_is_scaled_from_the_reference_batch(rule, batch, expected):
+    factory, line = optimizer_for_batch(
+        optimizer_config(reference_batch=256, batch_scaling=rule), batch)
+    optimizer = factory([torch.nn.Parameter(torch.zeros(1))])
+    assert isinstance(optimizer, torch.optim.SGD)  # facetrain's keys did not reach it
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(expected, rel=1e-12)
+    assert optimizer.param_groups[0]["momentum"] == 0.9
+    assert f"{batch}" in line
+
+
+def test_learning_rate_without_reference_batch_is_as_given():
+    factory, line = optimizer_for_batch(optimizer_config(reference_batch=None), 4096)
+    assert factory([torch.nn.Parameter(torch.zeros(1))]).param_groups[0]["lr"] == 0.1
+    assert "as given" in line and "4096" in line
+
+
+@pytest.mark.parametrize(("keys", "message"), [
+    ({"reference_batch": 0}, "optimizer.reference_batch=0"),
+    ({"reference_batch": 25.6}, "positive whole number"),
+    ({"reference_batch": 256, "batch_scaling": "cubic"}, "optimizer.batch_scaling='cubic'"),
+])
+def test_bad_learning_rate_settings_are_refused(keys, message):
+    with pytest.raises(OptimizerConfigError, match=message):
+        optimizer_for_batch(optimizer_config(**keys), 32)
 
 
 def test_atomic_checkpoint_writes_a_loadable_file_and_no_temporary(tmp_path):

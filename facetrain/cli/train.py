@@ -12,6 +12,7 @@ from facetrain.cli import silence_library_noise, user_errors
 from facetrain.cluster import set_threads_from_slurm  # also registers the run-folder resolver
 from facetrain.losses import LossError
 from facetrain.module import TrainingError
+from facetrain.optim import OptimizerConfigError
 from facetrain.resources import config_dir
 from facetrain.train import train
 
@@ -24,7 +25,8 @@ def main(cfg: DictConfig) -> None:
     log.debug("config:\n%s", OmegaConf.to_yaml(cfg))
     set_threads_from_slurm()  # before the Trainer: its DDP launcher keeps a set OMP_NUM_THREADS
     try:
-        with user_errors("facetrain", config=LossError, training=TrainingError):
+        with user_errors("facetrain", config=LossError, training=TrainingError,
+                         optimizer=OptimizerConfigError):
             metrics = train(cfg)
     except KeyboardInterrupt:  # Ctrl-C before training started (after, facetrain.preemption saves)
         print("facetrain: interrupted before the first training step; nothing to save",
