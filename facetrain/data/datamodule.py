@@ -9,6 +9,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from facetrain.data.folder import SCAN_WORKERS, IdentityFolderDataset
+from facetrain.data.gpu_decode import DevicePipeline, EncodedBatch, check_decode, collate_encoded
 from facetrain.data.images import DatasetError
 from facetrain.data.pairs import HeldOutPairs, open_verification_set
 from facetrain.data.record import RecordDataset, is_record_pack
@@ -46,6 +47,11 @@ class FaceDataModule(pl.LightningDataModule):
     Training images that fail to decode (each replaced by the next image) are counted in every
     DataLoader worker; ``load_failures`` reports them to this process and ``LoadFailureReport``
     once per epoch.
+
+    ``decode="gpu"`` decodes and augments the training images on the training device
+    (``facetrain.data.gpu_decode``): the workers only read JPEG bytes, and
+    ``transfer_batch_to_device`` turns the batch into what the CPU path gives. It needs CUDA;
+    ``gpu_decode_on_cpu`` runs the same device code on a CPU trainer (tests, debugging).
     """
 
     def __init__(
@@ -70,8 +76,12 @@ class FaceDataModule(pl.LightningDataModule):
         index_cache: str | None = "auto",
         scan_workers: int = SCAN_WORKERS,
         sampler: Callable[..., IdentityBalancedSampler] | None = None,
+        decode: str = "cpu",
+        gpu_decode_on_cpu: bool = False,
     ):
         super().__init__()
+        check_decode(decode, on_cpu_device=gpu_decode_on_cpu)
+        self.decode, self.gpu_decode_on_cpu = decode, gpu_decode_on_cpu
         self.train_root = train_root
         self.verification = dict(verification)
         self.batch_size = batch_size
@@ -89,7 +99,10 @@ class FaceDataModule(pl.LightningDataModule):
         )
         self.heldout_pairs, self.heldout_seed = heldout_pairs, heldout_seed
         self.sampler = sampler
-        self.train_transform = build_transform(train_augmentations, image_size, mean, std)
+        if decode == "gpu":
+            self.train_transform = DevicePipeline(train_augmentations, image_size, mean, std)
+        else:
+            self.train_transform = build_transform(train_augmentations, image_size, mean, std)
         self.eval_transform = build_transform(eval_augmentations, image_size, mean, std)
         self.train_set: IdentityFolderDataset | RecordDataset | None = None
         self._train_loader: ResumableDataLoader | None = None
@@ -104,10 +117,12 @@ class FaceDataModule(pl.LightningDataModule):
         if stage in (None, "fit") and self.train_set is None:
             if is_record_pack(self.train_root):
                 self._refuse_folder_selection()
-                self.train_set = RecordDataset(self.train_root, self.train_transform)
+                self.train_set = RecordDataset(self.train_root, self.train_transform,
+                                               encoded=self.decode == "gpu")
             else:
                 self.train_set = IdentityFolderDataset(
-                    self.train_root, self.train_transform, **self.folder_options
+                    self.train_root, self.train_transform, **self.folder_options,
+                    encoded=self.decode == "gpu",
                 )
             if len(self.train_set) < self.batch_size:
                 raise DatasetError(
@@ -188,14 +203,33 @@ class FaceDataModule(pl.LightningDataModule):
             # epoch it will train, the count of processed epochs it passes set_epoch.
             sampler.set_epoch(self.trainer.fit_loop.epoch_progress.current.processed)
         # Keywords: Lightning replaces the sampler by name (trainer.overfit_batches).
+        encoded = {"collate_fn": collate_encoded} if self.decode == "gpu" else {}
         loader = ResumableDataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler,
                                      progress=progress, rank=world.get("rank", 0),
-                                     **self._worker_options())
+                                     **self._worker_options(), **encoded)
         if self._loader_state_to_load:
             loader.load_state_dict(self._loader_state_to_load)
             self._loader_state_to_load = None
         self._train_loader = loader
         return loader
+
+    def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
+        """A training batch of ``decode="gpu"`` is decoded on ``device`` (its images that fail
+        there are replaced by others of the batch and counted as load failures); every other
+        batch moves as Lightning moves it."""
+        if not isinstance(batch, EncodedBatch):
+            return super().transfer_batch_to_device(batch, device, dataloader_idx)
+        if device.type != "cuda" and not self.gpu_decode_on_cpu:
+            raise DatasetError(
+                f"data.decode=gpu needs a CUDA device, but this run trains on {device.type} "
+                f"(trainer.accelerator); train on a GPU or set data.decode=cpu"
+            )
+        return self.train_transform.decode(batch, device, self._device_decode_failed)
+
+    def _device_decode_failed(self, position: int, error: Exception) -> None:
+        self.train_set.load_failures.add(position)
+        log.warning("could not decode %s on the device (%s); using another image of the batch",
+                    self.train_set.sample_name(position), error)
 
     def state_dict(self) -> dict:
         """The train loader's position, also kept here: Lightning restores the copy it saves

@@ -24,6 +24,7 @@ from rich.progress import Progress
 from torch.utils.data import Dataset
 
 from facetrain.data.failures import LoadFailures
+from facetrain.data.gpu_decode import read_encoded_file
 from facetrain.data.images import (
     DECODE_ERRORS,
     IMAGE_EXTENSIONS,
@@ -289,6 +290,9 @@ class IdentityFolderDataset(Dataset):
     An image that passed the header check but fails to decode when loaded (e.g. a truncated
     JPEG body) is replaced by the next sample, with its own label, named in a warning and
     recorded in ``load_failures`` (shared with the DataLoader workers).
+
+    With ``encoded`` (``data.decode=gpu``) the image is not decoded here: the transform gets
+    its JPEG bytes (``gpu_decode.read_encoded``) for the training device to decode.
     """
 
     def __init__(
@@ -303,9 +307,11 @@ class IdentityFolderDataset(Dataset):
         heldout_seed: int = 0,
         index_cache: str | os.PathLike | None = "auto",
         scan_workers: int = SCAN_WORKERS,
+        encoded: bool = False,
     ):
         self.root = Path(root)
         self.transform = transform
+        self.encoded = encoded
         self.load_failures = LoadFailures()  # made here, before any worker starts
         scan = scan_folder(self.root, index_cache, scan_workers)
         names, dropped, empty = select_identities(
@@ -387,7 +393,8 @@ class IdentityFolderDataset(Dataset):
         for attempt in range(len(self._files)):
             sample = (index + attempt) % len(self._files)
             try:
-                image = read_rgb(self._files[sample])
+                path = self._files[sample]
+                image = read_encoded_file(path, sample) if self.encoded else read_rgb(path)
             except DECODE_ERRORS as error:
                 self.load_failures.add(sample)
                 log.warning(

@@ -31,6 +31,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from facetrain.data.failures import LoadFailures
+from facetrain.data.gpu_decode import read_encoded
 from facetrain.data.images import DECODE_ERRORS, DatasetError, decode_rgb
 
 log = logging.getLogger(__name__)
@@ -218,11 +219,16 @@ class RecordDataset(Dataset):
     pack has insightface's header record, else from each image record. A record whose image does
     not decode is replaced by the next one and recorded in ``load_failures`` (shared with the
     DataLoader workers), as in ``IdentityFolderDataset``.
+
+    With ``encoded`` (``data.decode=gpu``) the image is not decoded here: the transform gets
+    its JPEG bytes (``gpu_decode.read_encoded``) for the training device to decode.
     """
 
-    def __init__(self, path: str | Path, transform: Callable | None = None):
+    def __init__(self, path: str | Path, transform: Callable | None = None,
+                 encoded: bool = False):
         self.rec_path, self.idx_path = pack_files(path)
         self.transform = transform
+        self.encoded = encoded
         self.load_failures = LoadFailures()  # made here, before any worker starts
         self._index = read_index(self.idx_path, self.rec_path)
         self._file: BinaryIO | None = None
@@ -331,7 +337,7 @@ class RecordDataset(Dataset):
                     f"record says {self.labels[position]}; the pack is damaged"
                 )
             try:
-                image = decode_rgb(data)
+                image = read_encoded(data, position) if self.encoded else decode_rgb(data)
             except DECODE_ERRORS as error:
                 self.load_failures.add(position)
                 log.warning(
