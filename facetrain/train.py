@@ -9,6 +9,8 @@ stops on a signal with a checkpoint saved (``facetrain.preemption``): ``metrics.
 
 import json
 import logging
+import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -64,6 +66,46 @@ def _read_metrics(path: Path) -> dict:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
+
+
+# Lightning loggers whose package is an optional extra of facetrain (pyproject.toml).
+LOGGER_EXTRAS = {"WandbLogger": "wandb", "MLFlowLogger": "mlflow"}
+
+
+class LoggerError(ValueError):
+    """A ``logger=`` choice that cannot be built, e.g. its package is not installed."""
+
+
+def build_loggers(cfg: DictConfig) -> list:
+    """The loggers of ``logger=``: one ``<name>: {_target_: ...}`` entry of ``cfg.logger`` per
+    chosen file, several at once with ``logger=[tensorboard,csv]``, none with ``logger=none``.
+    A file in the older one-logger form (``_target_`` at its top) is that one logger. Built as
+    partials and then called, as the losses are, so that a missing optional package reaches the
+    user as one line naming the extra to install, not inside Hydra's instantiation error."""
+    chosen = cfg.get("logger") or {}
+    specs = {"logger": chosen} if "_target_" in chosen else chosen
+    loggers = []
+    for name, spec in specs.items():
+        if not isinstance(spec, Mapping) or "_target_" not in spec:
+            raise LoggerError(f"logger.{name}: expected a logger, `{name}: {{_target_: ...}}` "
+                              f"(as in configs/logger/csv.yaml), got {spec!r}")
+        target = str(spec["_target_"])
+        kind = target.rsplit(".", 1)[-1]
+        if kind == "MLFlowLogger" and str(spec.get("tracking_uri") or "").startswith("file:"):
+            # MLflow >= 3 refuses a file store unless asked to; a user's own setting wins.
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        try:
+            loggers.append(instantiate(spec, _partial_=True)())
+        except ModuleNotFoundError as error:
+            extra = LOGGER_EXTRAS.get(kind)
+            if extra is None:
+                raise LoggerError(f"logger.{name} ({target}): {error}") from None
+            raise LoggerError(
+                f"logger={name} ({target}) needs the {extra} package, which is not installed: "
+                f'pip install -e ".[{extra}]" in a checkout (from a wheel: pip install '
+                f'"facetrain[{extra}]"), or choose another logger (logger=[tensorboard,csv])'
+            ) from None
+    return loggers
 
 
 def build_losses(cfg: DictConfig, embedding_size: int, datamodule, trainer: pl.Trainer):
@@ -122,6 +164,7 @@ def train(cfg: DictConfig) -> dict:
     backbone = instantiate(cfg.backbone)  # a bad model config fails before data is touched
     fine_tuning = FineTuning.from_config(cfg)  # model.freeze_*, backbone_lr_scale: checked now
     model_options = fine_tuning.module_options(cfg)
+    loggers = build_loggers(cfg)  # a logger whose package is missing: before data too
     init_from = model_options.pop("init_from", None)
     if init_from and ckpt_path is None:  # a resumed run has its own weights
         log.info(load_backbone_weights(backbone, to_absolute_path(str(init_from))))
@@ -131,7 +174,6 @@ def train(cfg: DictConfig) -> dict:
     if not datamodule.verification_sets:
         log.warning("no verification sets configured (data.verification): keeping only last.ckpt")
         cfg.callbacks.checkpoint.monitor = None
-    loggers = [instantiate(cfg.logger)] if cfg.get("logger") else []
     callbacks = [  # the learning-rate monitor writes to a logger and refuses to run without one
         instantiate(c) for name, c in cfg.callbacks.items() if loggers or name != "learning_rate"
     ]

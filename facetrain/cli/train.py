@@ -14,7 +14,7 @@ from facetrain.losses import LossError
 from facetrain.module import TrainingError
 from facetrain.optim import OptimizerConfigError
 from facetrain.resources import config_dir
-from facetrain.train import train
+from facetrain.train import LoggerError, train
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ def main(cfg: DictConfig) -> None:
     set_threads_from_slurm()  # before the Trainer: its DDP launcher keeps a set OMP_NUM_THREADS
     try:
         with user_errors("facetrain", config=LossError, training=TrainingError,
-                         optimizer=OptimizerConfigError):
+                         optimizer=OptimizerConfigError, logger=LoggerError):
             metrics = train(cfg)
     except KeyboardInterrupt:  # Ctrl-C before training started (after, facetrain.preemption saves)
         print("facetrain: interrupted before the first training step; nothing to save",
