@@ -294,6 +294,7 @@ class Result:
     arcface_torch: float
     first_losses: tuple[float, float]
     skipped: int  # facetrain steps its non-finite guard skipped (0 expected)
+    steps: tuple[int, int]  # optimizer steps taken: facetrain, arcface_torch
 
     @property
     def ratio(self) -> float:
@@ -323,10 +324,12 @@ def compare(depth: int, channels_last: bool, batch: int, classes: int, steps: in
     between = statistics.median(timer.between[1:]) if timer.between[1:] else 0.0
     return Result(depth, channels_last, statistics.median(timer.facetrain[1:]) + between,
                   between, statistics.median(timer.arcface_torch[1:]), timer.losses[0],
-                  module.nonfinite_skipped)
+                  module.nonfinite_skipped, (trainer.global_step, peer.names["global_step"]))
 
 
-def run(depths, batch: int, classes: int, steps: int, device: torch.device) -> list[Result]:
+def run(depths, batch: int, classes: int, steps: int, device: torch.device,
+        layouts=(True, False)) -> list[Result]:
+    """Each depth in each layout (``channels_last``: True, False), in that order."""
     check_vendored()
     silence_library_noise()
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)  # a Trainer per pair
@@ -334,7 +337,7 @@ def run(depths, batch: int, classes: int, steps: int, device: torch.device) -> l
                                               r"many workers|LeafSpec)")
     warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.cuda\.amp")
     return [compare(depth, channels_last, batch, classes, steps, device)
-            for depth in depths for channels_last in (True, False)]
+            for depth in depths for channels_last in layouts]
 
 
 def figures(results: list[Result], batch: int, classes: int, steps: int) -> list[Figure]:
