@@ -80,7 +80,6 @@ class FaceDataModule(pl.LightningDataModule):
         gpu_decode_on_cpu: bool = False,
     ):
         super().__init__()
-        check_decode(decode, on_cpu_device=gpu_decode_on_cpu)
         self.decode, self.gpu_decode_on_cpu = decode, gpu_decode_on_cpu
         self.train_root = train_root
         self.verification = dict(verification)
@@ -99,10 +98,11 @@ class FaceDataModule(pl.LightningDataModule):
         )
         self.heldout_pairs, self.heldout_seed = heldout_pairs, heldout_seed
         self.sampler = sampler
-        if decode == "gpu":
-            self.train_transform = DevicePipeline(train_augmentations, image_size, mean, std)
-        else:
-            self.train_transform = build_transform(train_augmentations, image_size, mean, std)
+        # decode=gpu's transform is built by _check_decode (prepare_data, setup): its refusals
+        # then reach the command line as they are, not wrapped by Hydra's instantiate.
+        self._device_pipeline = (train_augmentations, image_size, mean, std)
+        self.train_transform = (build_transform(train_augmentations, image_size, mean, std)
+                                if decode == "cpu" else None)
         self.eval_transform = build_transform(eval_augmentations, image_size, mean, std)
         self.train_set: IdentityFolderDataset | RecordDataset | None = None
         self._train_loader: ResumableDataLoader | None = None
@@ -110,10 +110,12 @@ class FaceDataModule(pl.LightningDataModule):
         self.verification_sets: list = []
 
     def prepare_data(self) -> None:
+        self._check_decode()
         if self.synthetic is not None:
             self.synthetic.generate()
 
     def setup(self, stage: str | None = None) -> None:
+        self._check_decode()
         if stage in (None, "fit") and self.train_set is None:
             if is_record_pack(self.train_root):
                 self._refuse_folder_selection()
@@ -140,6 +142,13 @@ class FaceDataModule(pl.LightningDataModule):
                     HeldOutPairs(heldout, self.heldout_pairs, self.heldout_seed,
                                  "heldout", self.eval_transform)
                 )
+
+    def _check_decode(self) -> None:
+        """``data.decode`` before any data is read: a known value, CUDA for gpu, and
+        augmentations the device runs."""
+        check_decode(self.decode, on_cpu_device=self.gpu_decode_on_cpu)
+        if self.decode == "gpu" and self.train_transform is None:
+            self.train_transform = DevicePipeline(*self._device_pipeline)
 
     def _refuse_folder_selection(self) -> None:
         """Identity selection works on a scanned folder; a pack's identities are fixed."""

@@ -36,9 +36,9 @@ JPEG_END = b"\xff\xd9"
 # torchvision 0.29 deprecates its image codecs for TorchCodec; decode_jpeg still is the batched
 # nvJPEG decoder this pipeline is built on.
 _CODEC_DEPRECATION = "The image decoding and encoding capabilities of TorchVision are deprecated"
-# OpenCV's RGB2GRAY for uint8, in 14-bit fixed point (imgproc/src/color.hpp): the grey level
-# albumentations' ColorJitter and ToGray compute.
-GRAY_WEIGHTS, GRAY_SHIFT = (4899.0, 9617.0, 1868.0), 14
+# cv2.cvtColor(RGB2GRAY) of uint8 in 15-bit fixed point (0.299, 0.587, 0.114 x 2**15): the grey
+# level albumentations' ColorJitter and ToGray compute, to the level.
+GRAY_WEIGHTS, GRAY_SHIFT = (9798.0, 19235.0, 3735.0), 15
 
 
 class EncodedImage(NamedTuple):
@@ -66,7 +66,7 @@ def read_encoded(data: bytes, position: int) -> EncodedImage:
     the next one as on the CPU path."""
     if _device_decodable(data):
         return EncodedImage(torch.frombuffer(bytearray(data), dtype=torch.uint8), position)
-    return EncodedImage(torch.from_numpy(decode_rgb(data)).permute(2, 0, 1).contiguous(), position)
+    return EncodedImage(torch.from_numpy(decode_rgb(data).transpose(2, 0, 1).copy()), position)
 
 
 def read_encoded_file(path: str | bytes, position: int) -> EncodedImage:
