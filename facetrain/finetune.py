@@ -33,7 +33,6 @@ from dataclasses import dataclass
 
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import InterpolationResolutionError
 from pytorch_lightning import Callback, LightningModule, Trainer
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -136,13 +135,7 @@ class FineTuning:
     @classmethod
     def from_config(cls, cfg: DictConfig) -> "FineTuning":
         model = cfg.model
-        try:  # the first read of model.init_from: a recipe may require it (see _required)
-            init_from = model.get("init_from")
-        except InterpolationResolutionError as error:  # OmegaConf wraps what a resolver raised
-            cause = error.__cause__ or error.__context__
-            if isinstance(cause, TrainingError):
-                raise cause from None
-            raise
+        init_from = model.get("init_from")  # a recipe may require it (_required)
         epochs = model.get("freeze_backbone_epochs", 0)
         if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
             raise TrainingError(f"model.freeze_backbone_epochs must be a whole number of epochs "

@@ -36,9 +36,9 @@ class OptimizerConfigError(ValueError):
     """A learning-rate setting that cannot be used; printed as one line."""
 
 
-def optimizer_for_batch(config: DictConfig, global_batch: int) -> tuple[Callable, str]:
+def optimizer_for_batch(config: DictConfig, global_batch: int) -> tuple[Callable, float, str]:
     """The optimizer factory of ``config`` (an ``optimizer=`` group node, ``_partial_``) with its
-    learning rate scaled to ``global_batch``, and the start-up line that says how.
+    learning rate scaled to ``global_batch``, that rate, and the start-up line that says how.
 
     ``reference_batch`` (null: the rate as given) and ``batch_scaling`` (a key of
     ``BATCH_SCALING``) are facetrain's keys, not the optimizer's: they are taken out before the
@@ -57,12 +57,13 @@ def optimizer_for_batch(config: DictConfig, global_batch: int) -> tuple[Callable
             f"stated for must be a positive whole number of images (e.g. 256), or null"
         )
     if reference is None or rule == "none":
-        return instantiate(options), f"learning rate {options['lr']:g} at global batch " \
+        return instantiate(options), options["lr"], f"learning rate {options['lr']:g} at " \
+            f"global batch " \
             f"{global_batch} (as given: optimizer.reference_batch={reference}, " \
             f"batch_scaling={rule})"
     base = options["lr"]
     options["lr"] = base * BATCH_SCALING[rule](global_batch / reference)
-    return instantiate(options), (
+    return instantiate(options), options["lr"], (
         f"learning rate {options['lr']:.6g} = {base:g} at batch {reference} scaled to the global "
         f"batch {global_batch} ({rule} rule; optimizer.reference_batch={reference})"
     )
@@ -141,12 +142,14 @@ def warmup_multistep(
 def warmup_poly(
     optimizer: Optimizer,
     total_steps: int,
-    power: float = 2.0,
+    power: float = 1.0,
     warmup_fraction: float = 0.0,
     extend_on_resume: bool = False,
 ) -> FixedLengthSchedule:
     """Linear warm-up over ``warmup_fraction`` of training, then polynomial decay
-    ``(1 - progress) ** power`` to 0: insightface arcface_torch's ``PolyScheduler`` (power 2)."""
+    ``(1 - progress) ** power`` to 0: insightface arcface_torch's ``PolynomialLRWarmup``
+    (``train_v2.py`` builds it with its default power 1, a linear decay; the older
+    ``PolyScheduler`` used 2)."""
     warmup_steps = max(1, round(warmup_fraction * total_steps))
 
     def factor(step: int) -> float:

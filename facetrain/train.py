@@ -187,8 +187,8 @@ def train(cfg: DictConfig) -> dict:
     head, classifier, losses = build_losses(cfg, backbone.embedding_size, datamodule, trainer)
     # data.batch_size is per process: the optimizer sees the batch of every process and step
     global_batch = datamodule.batch_size * trainer.world_size * trainer.accumulate_grad_batches
-    optimizer, learning_rate = optimizer_for_batch(cfg.optimizer, global_batch)
-    log.info(learning_rate)
+    optimizer, learning_rate, how = optimizer_for_batch(cfg.optimizer, global_batch)
+    log.info(how)
     model = FaceRecognitionModule(
         backbone,
         head,
@@ -200,7 +200,8 @@ def train(cfg: DictConfig) -> dict:
         **model_options,
     )
 
-    metrics: dict = {"status": "finished"}
+    metrics: dict = {"status": "finished", "learning_rate": learning_rate,
+                     "global_batch": global_batch}
     previous = _read_metrics(output_dir / "metrics.json")  # of this run folder, if resumed
     start_step = None
     if ckpt_path is not None:

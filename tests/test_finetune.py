@@ -13,6 +13,7 @@ from hydra.utils import instantiate
 from torch import nn
 
 from facetrain.checkpoint import load_backbone
+from facetrain.cli import user_errors
 from facetrain.data import SyntheticFaces
 from facetrain.finetune import FineTuning, ScaledBackboneLR
 from facetrain.module import TrainingError
@@ -217,12 +218,13 @@ def test_each_experiment_composes_and_its_parts_build(name, tmp_path):
 def test_finetune_small_requires_init_from(tmp_path):
     with (hydra_main_config("train", "experiment=finetune_small",
                             f"hydra.run.dir={tmp_path}") as cfg,
-          pytest.raises(TrainingError) as error):
+          pytest.raises(SystemExit) as error,
+          user_errors("facetrain", training=TrainingError)):  # as the command line reports it
         FineTuning.from_config(cfg)
     assert str(error.value) == (
-        "model.init_from must be given (experiment=finetune_small needs it): add "
-        "model.init_from=PATH (a facetrain run folder or .ckpt, an arcface_torch backbone.pth, "
-        "or timm:NAME)")
+        "facetrain: training error: model.init_from must be given (experiment=finetune_small "
+        "needs it): add model.init_from=PATH (a facetrain run folder or .ckpt, an arcface_torch "
+        "backbone.pth, or timm:NAME)")
 
 
 @pytest.mark.parametrize("override, message", [

@@ -75,14 +75,16 @@ def test_warmup_multistep_with_warmup():
     assert rates[20:] == pytest.approx([0.05] * 20)
 
 
-def test_warmup_poly_is_arcface_torch_poly_scheduler():
-    # arcface_torch's PolyScheduler: linear warm-up from 0, then base * (1 - t / T) ** 2 with t,
-    # T counted after the warm-up.
+@pytest.mark.parametrize("power", [1.0, 2.0])
+def test_warmup_poly_is_arcface_torch_polynomial_decay(power):
+    # arcface_torch's PolynomialLRWarmup: linear warm-up, then base * (1 - t / T) ** power with
+    # t, T counted after the warm-up.
     total, warmup = 50, 5
-    rates = learning_rates(lambda opt: warmup_poly(opt, total, warmup_fraction=0.1), total)
+    rates = learning_rates(
+        lambda opt: warmup_poly(opt, total, power=power, warmup_fraction=0.1), total)
     assert rates[:5] == pytest.approx([0.02, 0.04, 0.06, 0.08, 0.1])
     for step in (5, 17, 30, 49):
-        assert rates[step] == pytest.approx(BASE_LR * (1 - (step - warmup) / 45) ** 2)
+        assert rates[step] == pytest.approx(BASE_LR * (1 - (step - warmup) / 45) ** power)
 
 
 def optimizer_config(**keys):
@@ -97,9 +99,10 @@ def optimizer_config(**keys):
     ("none", 32, 0.1),
 ])
 def test_learning_rate_is_scaled_from_the_reference_batch(rule, batch, expected):
-    factory, line = optimizer_for_batch(
+    factory, rate, line = optimizer_for_batch(
         optimizer_config(reference_batch=256, batch_scaling=rule), batch)
     optimizer = factory([torch.nn.Parameter(torch.zeros(1))])
+    assert rate == optimizer.param_groups[0]["lr"]
     assert isinstance(optimizer, torch.optim.SGD)  # facetrain's keys did not reach it
     assert optimizer.param_groups[0]["lr"] == pytest.approx(expected, rel=1e-12)
     assert optimizer.param_groups[0]["momentum"] == 0.9
@@ -107,7 +110,7 @@ def test_learning_rate_is_scaled_from_the_reference_batch(rule, batch, expected)
 
 
 def test_learning_rate_without_reference_batch_is_as_given():
-    factory, line = optimizer_for_batch(optimizer_config(reference_batch=None), 4096)
+    factory, _, line = optimizer_for_batch(optimizer_config(reference_batch=None), 4096)
     assert factory([torch.nn.Parameter(torch.zeros(1))]).param_groups[0]["lr"] == 0.1
     assert "as given" in line and "4096" in line
 

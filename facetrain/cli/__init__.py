@@ -19,6 +19,8 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from omegaconf.errors import InterpolationResolutionError
+
 from facetrain.checkpoint import CheckpointError
 from facetrain.data.images import DatasetError
 
@@ -46,7 +48,13 @@ def user_errors(tool: str, **more: type[Exception]) -> Iterator[None]:
     exit, without a traceback."""
     kinds = {"data": DatasetError, "checkpoint": CheckpointError, **more}
     try:
-        yield
+        try:
+            yield
+        except InterpolationResolutionError as wrapped:  # a resolver's error, as OmegaConf wraps
+            cause = wrapped.__cause__ or wrapped.__context__  # it (${facetrain.required:...})
+            if isinstance(cause, tuple(kinds.values())):
+                raise cause from None
+            raise
     except tuple(kinds.values()) as error:
         kind = next(name for name, cls in kinds.items() if isinstance(error, cls))
         logging.getLogger(tool).debug("%s failed", tool, exc_info=True)

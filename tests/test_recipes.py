@@ -1,0 +1,122 @@
+"""The paper recipes (configs/experiment/): each composes into the paper's backbone and head with
+its learning rate stated at the paper's batch, and each, shrunk to the synthetic faces (a small
+batch, a few epochs, the learning rate rescaled by the recipe's own rule), learns: it verifies
+held-out identities clearly better than the untrained network."""
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import hydra_main_config, tiny_overrides
+from hydra.utils import instantiate
+
+from facetrain.cli import user_errors
+from facetrain.module import TrainingError
+from facetrain.resources import config_dir
+from facetrain.train import train
+
+# Recipes for a use (finetune_small, small_data), not a paper's setting, are tested elsewhere.
+NOT_PAPERS = {"finetune_small", "small_data"}
+RECIPES = sorted(p.stem for p in Path(config_dir(), "experiment").glob("*.yaml")
+                 if p.stem not in NOT_PAPERS)
+
+# What each recipe must build: (backbone class, depth or None, margin class).
+PAPER_PARTS = {
+    "sphereface20_casia": ("SphereNet", 20, "SphereFace"),
+    "lsoftmax_casia": ("SphereNet", 20, "LSoftmax"),
+    "normface_casia": ("IResNet", 50, "NormFace"),
+    "arcface_casia_r50": ("IResNet", 50, "ArcFace"),
+    "cosface_ms1m_r50": ("IResNet", 50, "CosFace"),
+    "arcface_ms1m_r50": ("IResNet", 50, "ArcFace"),
+    "curricular_ms1m_r100": ("IResNet", 100, "CurricularFace"),
+    "adaface_casia_r50": ("IResNet", 50, "AdaFace"),
+    "mobilefacenet_arcface_casia": ("MobileFaceNet", None, "ArcFace"),
+    "magface_ms1m_r50": ("IResNet", 50, "MagFace"),
+}
+
+
+def test_every_paper_recipe_is_listed_here():
+    assert set(RECIPES) == set(PAPER_PARTS)
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_a_recipe_builds_the_papers_backbone_and_head(recipe, tmp_path):
+    with hydra_main_config("train", f"experiment={recipe}", "data.train_root=/data/faces",
+                           f"hydra.run.dir={tmp_path}") as cfg:
+        backbone_class, depth, margin_class = PAPER_PARTS[recipe]
+        assert cfg.backbone._target_.rsplit(".", 1)[1] == backbone_class
+        if depth is not None:
+            assert cfg.backbone.depth == depth
+        assert type(instantiate(cfg.loss)).__name__ == margin_class
+        assert cfg.optimizer._target_ == "torch.optim.SGD"  # every paper trains with SGD
+        assert cfg.optimizer.reference_batch > 0 and cfg.optimizer.batch_scaling == "linear"
+        assert cfg.trainer.get("max_steps", -1) > 0 or cfg.trainer.max_epochs > 0
+    text = Path(config_dir(), "experiment", f"{recipe}.yaml").read_text()
+    assert "# Expect" in text, f"{recipe}: say what the paper reports (or that it reports none)"
+    assert f"experiment={recipe}" in text, f"{recipe}: give the command that runs it"
+
+
+def test_the_largest_recipe_backbone_instantiates_at_its_papers_size(tmp_path):
+    with hydra_main_config("train", "experiment=curricular_ms1m_r100",
+                           "data.train_root=/data/faces", f"hydra.run.dir={tmp_path}") as cfg:
+        backbone = instantiate(cfg.backbone)
+    parameters = sum(p.numel() for p in backbone.parameters())
+    assert 60e6 < parameters < 70e6  # IResNet-100: 65.2 M (arcface_torch's r100)
+    assert backbone.eval()(torch.zeros(1, 3, 112, 112)).shape == (1, 512)
+
+
+def test_a_recipe_without_its_data_says_which_key_to_add(tmp_path):
+    with (hydra_main_config("train", "experiment=arcface_ms1m_r50",
+                            f"hydra.run.dir={tmp_path}") as cfg,
+          pytest.raises(SystemExit) as error,
+          user_errors("facetrain", training=TrainingError)):
+        instantiate(cfg.data)
+    assert str(error.value).startswith(
+        "facetrain: training error: data.train_root must be given (experiment=arcface_ms1m_r50 "
+        "needs it): add data.train_root=an MS1M RecordIO pack")
+
+
+# Shrunk: the synthetic faces at 32x32, 16 per batch on one CPU process in float32, a few epochs
+# (fractions of training place the recipe's milestones). IResNets keep their units' design at one
+# unit per stage (IResNet-10): an IResNet-100 step takes seconds on a CPU. The recipe's head,
+# its hyper-parameters, optimizer, schedule and learning-rate rule are the recipe's own.
+EPOCHS = 4
+SHRINK = ["data.image_size=[32,32]", "data.batch_size=16", "trainer=default",
+          "trainer.precision=32-true", f"trainer.max_epochs={EPOCHS}", "trainer.max_steps=-1",
+          "logger=none", "~callbacks.projector", "~callbacks.histograms"]
+
+
+def shrink(recipe: str) -> list[str]:
+    backbone, _, _ = PAPER_PARTS[recipe]
+    smaller = ["backbone.depth=10", "backbone.units=[1,1,1,1]"] if backbone == "IResNet" else []
+    return [f"experiment={recipe}", "data.train_root=${data.synthetic.root}/train",
+            "data.verification={synthetic: ${data.synthetic.root}/verification_pairs.txt}",
+            *SHRINK, *smaller]
+
+
+@pytest.fixture(scope="module")
+def shrunk_runs(tiny_faces, tmp_path_factory):
+    results = {}
+    for recipe in RECIPES:
+        run_dir = tmp_path_factory.mktemp("recipe") / recipe
+        with hydra_main_config("train", *tiny_overrides(tiny_faces, run_dir),
+                               *shrink(recipe)) as cfg:
+            reference = cfg.optimizer.reference_batch
+            base = cfg.optimizer.lr
+            metrics = train(cfg)
+        results[recipe] = metrics, base * 16 / reference
+    return results
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_a_shrunk_recipe_learns(shrunk_runs, recipe):
+    metrics, learning_rate = shrunk_runs[recipe]
+    untrained = metrics["baselines"]["untrained"]["synthetic"]
+    accuracy = metrics["verification"]["synthetic"]["accuracy"]
+    assert metrics["nonfinite_skipped_steps"] == 0, recipe
+    assert accuracy >= untrained + 0.08, f"{recipe}: {untrained:.3f} untrained -> {accuracy:.3f}"
+    # The rate the run used: the recipe's lr at its reference batch, linearly to 16.
+    assert metrics["global_batch"] == 16
+    assert math.isclose(metrics["learning_rate"], learning_rate, rel_tol=1e-9)
