@@ -1,6 +1,7 @@
 """What is shown, not trained: TensorBoard views of a run, one Lightning callback per view.
 
-- ``ROCFigures``: each verification set's ROC curve at every validation (IMAGES tab).
+- ``ROCFigures``: each verification set's ROC curve at every validation (IMAGES tab; its numbers
+  in PR CURVES).
 - ``EmbeddingProjector``: a fixed sample of held-out embeddings with identity labels and
   thumbnails (PROJECTOR tab), every few epochs and after the last validation.
 - ``MarginHistograms``: per-sample target angle and best non-target angle during training
@@ -16,6 +17,7 @@ logger they do nothing; only rank 0 writes.
 
 import time
 
+import numpy as np
 import torch
 from pytorch_lightning import Callback, LightningModule, Trainer
 from pytorch_lightning.loggers import TensorBoardLogger
@@ -45,17 +47,28 @@ def _rank_zero_writer(trainer: Trainer):
 
 
 class ROCFigures(Callback):
-    """Each verification set's ROC curve (TAR against log FAR) at every validation, as
-    ``val/<set>/roc``."""
+    """Each verification set's ROC curve (TAR against log FAR) at every validation, as the
+    figure ``val/<set>/roc`` and as its numbers, ``val/<set>/roc_counts``: TensorBoard's raw
+    PR-curve record (PR CURVES tab) of the accepted same and different pairs at every distinct
+    score, from which ``facetrain-compare`` overlays the final ROC curves of several runs."""
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         writer = _rank_zero_writer(trainer)
         if writer is None:
             return
         for name, validated in pl_module.last_validation.items():
-            far, tar, _ = roc_curve(validated.scores, validated.dataset.same)
+            same = np.asarray(validated.dataset.same, dtype=bool)
+            far, tar, _ = roc_curve(validated.scores, same)
             figure = plot_roc({name: (far, tar)}, f"{name}, epoch {trainer.current_epoch}")
             writer.add_figure(f"val/{name}/roc", figure, trainer.global_step)
+            # Counts, in TensorBoard's order (thresholds rising: fewer pairs accepted).
+            positives, negatives = same.sum(), (~same).sum()
+            tp, fp = np.rint(tar * positives)[::-1], np.rint(far * negatives)[::-1]
+            writer.add_pr_curve_raw(
+                f"val/{name}/roc_counts", tp, fp, negatives - fp, positives - tp,
+                precision=tp / np.maximum(tp + fp, 1), recall=tp / max(positives, 1),
+                global_step=trainer.global_step, num_thresholds=len(tp),
+            )
 
 
 class EmbeddingProjector(Callback):

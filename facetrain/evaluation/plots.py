@@ -11,10 +11,19 @@ from matplotlib.figure import Figure  # noqa: E402
 
 
 def plot_roc(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], title: str = "ROC") -> Figure:
-    """A figure of ``{label: (far, tar)}`` curves. FAR = 0 cannot be drawn on a log axis: the
-    axis starts at the smallest FAR a curve resolves (1 / its number of different pairs)."""
+    """A figure of ``{label: (far, tar)}`` curves (``draw_roc``)."""
     figure = Figure(figsize=(6, 4.5), dpi=100)
     axes = figure.add_subplot()
+    draw_roc(axes, curves)
+    axes.set_title(title)
+    figure.tight_layout()
+    return figure
+
+
+def draw_roc(axes, curves: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> None:
+    """``{label: (far, tar)}`` curves on matplotlib ``axes``. FAR = 0 cannot be drawn on a log
+    axis: the axis starts at the smallest FAR a curve resolves (1 / its number of different
+    pairs)."""
     smallest = 1.0
     for label, (far, tar) in curves.items():
         far, tar = np.asarray(far, dtype=float), np.asarray(tar, dtype=float)
@@ -27,8 +36,5 @@ def plot_roc(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], title: str = "
     axes.set_ylim(0.0, 1.0)
     axes.set_xlabel("false accept rate (FAR)")
     axes.set_ylabel("true accept rate (TAR)")
-    axes.set_title(title)
     axes.grid(True, which="both", alpha=0.3)
     axes.legend(loc="lower right", fontsize="small")
-    figure.tight_layout()
-    return figure
