@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from facetrain.classifiers.base import ClassCenters, best_other, margin_statistics
+from facetrain.classifiers.base import ClassCenters, FusedInputs, best_other, margin_statistics
 from facetrain.distributed import all_reduce_sum
 from facetrain.heads.base import CenterCosines, Margin, Reduce, clamp_cosine
 
@@ -55,6 +55,20 @@ class FullClassCenters(ClassCenters):
         return CenterCosines(cos, clamp_cosine(cos.gather(1, index)), index, norms,
                              center_norms, norms)
 
+    @property
+    def centers_per_class(self) -> int:
+        return self.subcenters
+
+    def fused_inputs(self, embeddings: torch.Tensor, labels: torch.Tensor, margin: Margin
+                     ) -> FusedInputs:
+        x = embeddings.float()
+        norms = x.norm(dim=1, keepdim=True)
+        features, weight = margin.features(x), self.weight.float()
+        index = labels.view(-1, 1)
+        return FusedInputs(features, weight, target_cosines(features, weight, index,
+                                                            self.subcenters),
+                           index, norms, norms)
+
     def state_reduce(self) -> Reduce:
         return all_reduce_sum  # each rank scored its own rows: sum the statistics over ranks
 
@@ -77,3 +91,13 @@ class FullClassCenters(ClassCenters):
         correct = scores.gather(1, c.index).squeeze(1) > best_other(scores, c.index)
         target = margin.target_logit(cos_y, c.norms).squeeze(1)
         return margin_statistics(cos_y.squeeze(1), best_other(cos, c.index), correct, target)
+
+
+@torch.no_grad()
+def target_cosines(features: torch.Tensor, weight: torch.Tensor, column: torch.Tensor,
+                   subcenters: int = 1) -> torch.Tensor:
+    """Each row's cosine (rows, 1) to the center in its ``column`` of ``weight`` (the max over
+    the class's K sub-centers), unclamped: N·K·D work instead of a gather from (N, C)."""
+    rows = weight.view(-1, subcenters, weight.shape[1])[column.view(-1)]
+    dots = torch.bmm(rows, features.unsqueeze(2)).squeeze(2)
+    return (dots / rows.norm(dim=2).clamp_min(1e-12)).amax(dim=1, keepdim=True)

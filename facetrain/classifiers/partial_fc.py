@@ -27,9 +27,11 @@ from torch import nn
 from facetrain.classifiers.base import (
     ClassCenters,
     ClassifierError,
+    FusedInputs,
     best_other,
     margin_statistics,
 )
+from facetrain.classifiers.full import target_cosines
 from facetrain.distributed import (
     all_gather_rows,
     all_reduce_sum,
@@ -124,8 +126,10 @@ class PartialFC(ClassCenters):
         score.scatter_reduce_(0, local_labels.clamp(0, self.num_local - 1), positive, "amax")
         return score.topk(count).indices.sort().values
 
-    def cosines(self, embeddings: torch.Tensor, labels: torch.Tensor, margin: Margin
-                ) -> CenterCosines:
+    def _step_centers(self, embeddings: torch.Tensor, labels: torch.Tensor):
+        """The global batch and the centers scored this step: float32 embeddings x (their
+        norms, and those of this rank's own rows), the (sampled) float32 weight, and each row's
+        target column in it, -1 where another rank holds the target (``index``, (rows, 1))."""
         x = embeddings.float()
         local_norms = x.norm(dim=1, keepdim=True)
         if is_distributed():
@@ -136,7 +140,6 @@ class PartialFC(ClassCenters):
             ~self.labels_outside(labels).any(),
             f"a label is outside [0, {self.num_classes}) (the classifier's num_classes)",
         )
-        norms = x.norm(dim=1, keepdim=True)
         local_labels = labels - self.class_start
         held = (local_labels >= 0) & (local_labels < self.num_local)
         weight = self.weight
@@ -145,14 +148,33 @@ class PartialFC(ClassCenters):
             sampled = self._sample(local_labels, held)
             weight = weight[sampled]
             column = torch.searchsorted(sampled, column).clamp_max(sampled.numel() - 1)
-        weight = weight.float()
+        index = torch.where(held, column, -1).view(-1, 1)
+        return x, x.norm(dim=1, keepdim=True), local_norms, weight.float(), index
+
+    @staticmethod
+    def _global_target(cos_y: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Every rank needs every row's target cosine (hard-negative masks, state): the rank
+        holding a row's target gives it, the others add zero."""
+        cos_y = torch.where(index >= 0, cos_y, 0.0)
+        if is_distributed():
+            cos_y = torch.where(index >= 0, cos_y, all_reduce_sum(cos_y.detach().clone()))
+        return cos_y
+
+    def cosines(self, embeddings: torch.Tensor, labels: torch.Tensor, margin: Margin
+                ) -> CenterCosines:
+        x, norms, local_norms, weight, index = self._step_centers(embeddings, labels)
         center_norms = weight.norm(dim=1).clamp_min(1e-12)
         cos = F.linear(F.normalize(x, dim=1), weight) / center_norms
-        index = torch.where(held, column, -1).view(-1, 1)
-        cos_y = torch.where(index >= 0, cos.gather(1, column.view(-1, 1)), 0.0)
-        if is_distributed():  # every rank needs every row's target (hard-negative masks, state)
-            cos_y = torch.where(index >= 0, cos_y, all_reduce_sum(cos_y.detach().clone()))
+        cos_y = self._global_target(cos.gather(1, index.clamp_min(0)), index)
         return CenterCosines(cos, clamp_cosine(cos_y), index, norms, center_norms, local_norms)
+
+    def fused_inputs(self, embeddings: torch.Tensor, labels: torch.Tensor, margin: Margin
+                     ) -> FusedInputs:
+        x, norms, local_norms, weight, index = self._step_centers(embeddings, labels)
+        features = F.normalize(x, dim=1)
+        cos_y = target_cosines(features, weight, index.clamp_min(0))
+        return FusedInputs(features, weight, self._global_target(cos_y, index), index, norms,
+                           local_norms, distributed=is_distributed())
 
     def cross_entropy(self, logits: torch.Tensor, c: CenterCosines) -> torch.Tensor:
         if is_distributed():

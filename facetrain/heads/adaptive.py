@@ -71,8 +71,6 @@ class MagFace(Margin):
     def target_logit(self, cos_y: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
         return additive_angular_margin(cos_y, self.margin_for(norms))
 
-    def logits(self, c: CenterCosines) -> torch.Tensor:
-        if self.training:
-            a = c.local_norms.clamp(self.l_a, self.u_a)
-            self._extra_loss = self.lambda_g * (1.0 / a + a / self.u_a**2).mean()
-        return super().logits(c)
+    def extra_term(self, c: CenterCosines) -> torch.Tensor:
+        a = c.local_norms.clamp(self.l_a, self.u_a)
+        return self.lambda_g * (1.0 / a + a / self.u_a**2).mean()

@@ -75,6 +75,7 @@ class LSoftmax(AnnealedAngularMargin):
     center's norm, so it runs on the full class-center store only."""
 
     stores = ("full",)
+    fused = False  # the scale |W_j||x| differs by class: the reference path
 
     def __init__(
         self,

@@ -9,12 +9,14 @@ It never owns or touches the class-center weight: a class-center store
 cosines, hands them over as ``CenterCosines`` and takes the cross-entropy of the logits. That is
 what lets every cosine margin run on one GPU or on millions of identities.
 
-A margin says only what differs (``target_logit``, ``non_target_logit``, ``logit_scale``, and
-``update_state`` for margins with state); ``Margin.logits`` does the target scatter. State
-(running averages, iteration counters) lives in registered buffers, so it is saved in
-checkpoints and restored on resume. An extra loss term (MagFace's regulariser, NormFace's agent
-losses) is returned by ``extra_loss()`` after a training forward; the module adds it to the
-cross-entropy and logs it.
+A margin says only what differs (``target_logit``, ``hard_negative_logit`` or
+``non_target_logit``, ``logit_scale``, and ``update_state`` for margins with state);
+``Margin.logits`` does the target scatter. It is the reference form: in training the stores run
+the same math as one fused node (``facetrain.classifiers.fused``) for every margin whose
+``fused_epilogue`` is true. State (running averages, iteration counters) lives in registered
+buffers, so it is saved in checkpoints and restored on resume. An extra loss term (MagFace's
+regulariser, NormFace's agent losses, ``extra_term``) is returned by ``extra_loss()`` after a
+training forward; the module adds it to the cross-entropy and logs it.
 """
 
 import math
@@ -68,14 +70,15 @@ class CenterCosines:
     """What a class-center store gives a margin, for the ``rows`` of the batch it scores.
 
     ``cos`` (rows, centers held) float32 cosines ``<x/|x|, W_j/|W_j|>`` (for the softmax
-    family, whose ``normalized_centers`` is false, the plain products ``W_j·f(x) + b_j``);
+    family, whose ``normalized_centers`` is false, the plain products ``W_j·f(x) + b_j``; under
+    the fused epilogue detached, and None where no statistics were asked for);
     ``cos_y`` (rows, 1) the clamped target cosine of every row, also where another rank holds
     the target center; ``index`` (rows, 1) the target's column in ``cos`` or -1 where it is not
     held here; ``norms`` (rows, 1) embedding norms; ``center_norms`` (centers held,) ``|W_j|``;
     ``local_norms`` the norms of this rank's own embeddings (for terms averaged per rank).
     """
 
-    cos: torch.Tensor
+    cos: torch.Tensor | None
     cos_y: torch.Tensor
     index: torch.Tensor
     norms: torch.Tensor
@@ -95,6 +98,9 @@ class Margin(nn.Module):
     normalized_centers = True
     class_bias = False
     centers_per_class = 1
+    # False where the logit scale depends on the class (L-Softmax's |W_j|·|x|) or an extra
+    # term needs the (N, C) cosines with their gradient (NormFace's agent losses).
+    fused = True
 
     def __init__(self, scale: float = 64.0):
         super().__init__()
@@ -117,8 +123,33 @@ class Margin(nn.Module):
         return cos_y
 
     def non_target_logit(self, cos: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """N(cos_j) (N, C) before scaling, given the modulated target (N, 1)."""
-        return cos
+        """N(cos_j) (N, C) before scaling, given the modulated target (N, 1): ``cos_j``, or
+        ``hard_negative_logit(cos_j)`` where ``cos_j > T(cos_y)``. A margin that overrides this
+        runs the reference path only (``fused_epilogue``)."""
+        hard = self.hard_negative_logit(cos)
+        return cos if hard is None else torch.where(cos > target, hard, cos)
+
+    def hard_negative_logit(self, cos: torch.Tensor) -> torch.Tensor | None:
+        """h(cos_j) for the hard negatives ``cos_j > T(cos_y)`` (MV-Softmax, CurricularFace), or
+        None: every non-target logit stays ``cos_j``. Elementwise; a margin that defines it also
+        defines ``hard_negative_slope``."""
+        return None
+
+    def hard_negative_slope(self, cos: torch.Tensor) -> torch.Tensor:
+        """h'(cos_j), the derivative of ``hard_negative_logit`` (the fused backward's slope)."""
+        raise NotImplementedError(f"{type(self).__name__} defines hard_negative_logit but not "
+                                  "its derivative hard_negative_slope")
+
+    @property
+    def fused_epilogue(self) -> bool:
+        """Whether a store may compute this margin's loss with the fused epilogue: cosines to
+        normalised centers, no class bias, ``N`` the identity or a hard-negative rule, a logit
+        scale of one value or one per row (``fused``), and neither ``logits`` nor
+        ``non_target_logit`` overridden (such a margin runs its own formula, unfused)."""
+        cls = type(self)
+        return (self.fused and self.normalized_centers and not self.class_bias
+                and cls.logits is Margin.logits
+                and cls.non_target_logit is Margin.non_target_logit)
 
     def update_state(self, cos_y: torch.Tensor, norms: torch.Tensor, reduce: Reduce) -> None:
         """Advance the margin's state from a training batch (detached inputs; ``reduce`` sums a
@@ -126,6 +157,17 @@ class Margin(nn.Module):
 
     def set_step(self, step: int) -> None:
         """Told the number of optimizer steps taken before each training batch; unused here."""
+
+    def extra_term(self, c: CenterCosines) -> torch.Tensor | None:
+        """The extra loss term of a training batch (MagFace's regulariser), or None. Under the
+        fused epilogue ``c.cos`` is None: a term that needs the cosines sets ``fused = False``."""
+        return None
+
+    def advance(self, c: CenterCosines, reduce: Reduce) -> None:
+        """A training forward, before the logits: the state advances on the batch's (global)
+        statistics and the batch's extra term is kept for ``extra_loss``."""
+        self.update_state(c.cos_y.detach(), c.norms.detach(), reduce)
+        self._extra_loss = self.extra_term(c)
 
     def logits(self, c: CenterCosines) -> torch.Tensor:
         """Logits (rows, centers held) on which cross-entropy is the loss, in float32."""

@@ -28,8 +28,11 @@ class MVSoftmax(Margin):
             return cos_y - self.margin
         return additive_angular_margin(cos_y, self.margin)
 
-    def non_target_logit(self, cos: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return torch.where(cos > target, self.t * cos + self.t - 1.0, cos)
+    def hard_negative_logit(self, cos: torch.Tensor) -> torch.Tensor:
+        return self.t * cos + self.t - 1.0
+
+    def hard_negative_slope(self, cos: torch.Tensor) -> torch.Tensor:
+        return torch.full_like(cos, self.t)
 
 
 class CurricularFace(ArcFace):
@@ -49,8 +52,11 @@ class CurricularFace(ArcFace):
         total = reduce(torch.stack([cos_y.sum(), count]))
         self.t.mul_(self.momentum).add_((1.0 - self.momentum) * total[0] / total[1])
 
-    def non_target_logit(self, cos: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return torch.where(cos > target, cos * (self.t + cos), cos)
+    def hard_negative_logit(self, cos: torch.Tensor) -> torch.Tensor:
+        return cos * (self.t + cos)
+
+    def hard_negative_slope(self, cos: torch.Tensor) -> torch.Tensor:
+        return 2.0 * cos + self.t
 
     def state_metrics(self) -> dict[str, torch.Tensor]:
         return {"t": self.t.detach()}

@@ -72,14 +72,15 @@ class NormFace(Margin):
         self.agent_weight = agent_weight
         if agent_loss is not None:
             self.stores = ("full",)
+            self.fused = False  # the agent losses need the (N, C) cosines with their gradient
 
     def logit_scale(self, norms: torch.Tensor, center_norms: torch.Tensor) -> torch.Tensor:
         return self.scale.float()
 
-    def logits(self, c: CenterCosines) -> torch.Tensor:
-        if self.agent_loss is not None and self.training:
-            self._extra_loss = self.agent_weight * self._agent_loss(c.cos, c.index)
-        return super().logits(c)
+    def extra_term(self, c: CenterCosines) -> torch.Tensor | None:
+        if self.agent_loss is None:
+            return None
+        return self.agent_weight * self._agent_loss(c.cos, c.index)
 
     def _agent_loss(self, cos: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         distance = 2.0 - 2.0 * cos  # |x̃ − W̃_j|² for unit vectors
