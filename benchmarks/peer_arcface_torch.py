@@ -3,6 +3,7 @@
     python -m benchmarks.peer_arcface_torch                     # IResNet-18 and -50, batch 64
     python -m benchmarks.peer_arcface_torch --depths 18 --steps 5 --threads 2
     python -m benchmarks.peer_arcface_torch --device cuda --batch 128 --steps 20
+    python -m benchmarks.peer_arcface_torch --breakdown --depths 18   # where the time goes
 
 The peer is arcface_torch at the commit in ``benchmarks/peers/arcface_torch/README.md``, its
 files vendored byte-identical there (checked against ``SHA256SUMS`` before anything runs):
@@ -39,6 +40,10 @@ first step of each is a warm-up. ``channels_last on``: facetrain's ``model.chann
 (its default) against arcface_torch's modules and input converted to channels_last (what one
 line does to it); ``off``: both NCHW (arcface_torch as shipped). ``as shipped`` divides
 facetrain's default (on) by arcface_torch as shipped (off). Ratios below 1.0x: facetrain faster.
+
+``--breakdown`` times the parts apart, on the same weights: each backbone's forward + backward,
+each margin head's forward + backward on one set of embeddings, and facetrain's non-finite
+guard (``model.nonfinite``), which arcface_torch does not have.
 """
 
 import argparse
@@ -62,11 +67,12 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
-from torch import distributed
+from torch import distributed, nn
 from torch.optim.lr_scheduler import LRScheduler
 
 import facetrain.cluster  # noqa: F401  the config resolvers, registered as the train main does
 from benchmarks.figures import Figure
+from benchmarks.precision_speed import guard_ms
 from facetrain.cli import silence_library_noise
 from facetrain.finetune import FineTuning
 from facetrain.module import FaceRecognitionModule
@@ -340,6 +346,57 @@ def run(depths, batch: int, classes: int, steps: int, device: torch.device,
             for depth in depths for channels_last in layouts]
 
 
+def breakdown(depth: int, channels_last: bool, batch: int, classes: int, repeats: int,
+              device: torch.device) -> dict[str, tuple[float, float | None]]:
+    """Median seconds of the parts of a step, (facetrain, arcface_torch), each pair
+    interleaved after a warm-up, on the same weights: the backbone's forward + backward (loss:
+    the mean squared embedding) on the batch, the margin head's forward + backward on one set
+    of embeddings (facetrain's FullClassCenters + ArcFace, arcface_torch's PartialFC_V2 +
+    CombinedMarginLoss), and facetrain's non-finite guard, which has no counterpart (None)."""
+    generator = torch.Generator().manual_seed(depth)
+    images = torch.randn(batch, 3, 112, 112, generator=generator).to(device)
+    labels = torch.randint(0, classes, (batch,), generator=generator).to(device)
+    embeddings = torch.randn(batch, EMBEDDING_SIZE, generator=generator).to(device)
+    peer = PeerStep(depth, classes, device, channels_last, total_steps=1)
+    module, _ = facetrain_module(depth, classes, channels_last, peer)
+    module.to(device)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+
+    def backbone(model: nn.Module) -> None:
+        model(images.contiguous(memory_format=layout)).square().mean().backward()
+
+    def head(loss) -> None:
+        loss(embeddings.clone().requires_grad_()).backward()
+
+    def peer_head(features):
+        with cuda_calls_stay(device):
+            return peer.module_partial_fc(features, labels.clone())
+
+    parts = {
+        "backbone fwd+bwd": (partial(backbone, module.backbone), partial(backbone, peer.backbone)),
+        "head fwd+bwd": (partial(head, lambda e: module.classifier(e, labels, module.head).loss),
+                         partial(head, peer_head)),
+    }
+    models = (module, nn.ModuleList([peer.backbone, peer.module_partial_fc]))
+    times = {}
+    for name, steps in parts.items():
+        measured = ([], [])
+        for repeat in range(repeats + 1):
+            for model, step, out in zip(models, steps, measured, strict=True):
+                model.zero_grad(set_to_none=True)  # as every training step starts
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                step()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                if repeat:  # repeat 0 is the warm-up
+                    out.append(time.perf_counter() - start)
+        times[name] = tuple(statistics.median(m) for m in measured)
+    times["non-finite guard"] = (guard_ms(module, device.type, repeats) / 1e3, None)
+    return times
+
+
 def figures(results: list[Result], batch: int, classes: int, steps: int) -> list[Figure]:
     threads = torch.get_num_threads()
     out = []
@@ -368,8 +425,9 @@ def figures(results: list[Result], batch: int, classes: int, steps: int) -> list
 
 
 def quick() -> list[Figure]:
-    """IResNet-18 at batch 32, two timed steps per side and layout (about a minute, 2 cores)."""
-    batch, classes, steps = 32, 1000, 2
+    """IResNet-18 at batch 16, two timed steps per side and layout after a warm-up: twelve
+    steps of ~3.5 s on 2 idle cores (the command line's batch 64 takes ~4x as long)."""
+    batch, classes, steps = 16, 1000, 2
     return figures(run([18], batch, classes, steps, torch.device("cpu")), batch, classes, steps)
 
 
@@ -381,11 +439,29 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--breakdown", action="store_true",
+                        help="instead: time the parts of a step (backbone, head, guard) apart")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    torch.backends.cudnn.benchmark = True  # as train_v2.py's __main__ sets it, for both sides
     where = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    if args.breakdown:
+        check_vendored()
+        print(f"parts of the step, batch {args.batch}, {args.classes} classes, {where}, "
+              f"{torch.get_num_threads()} threads; median of {args.steps} after a warm-up")
+        print(f"{'model':<12}{'channels_last':>14}  {'part':<18}{'facetrain s':>12}"
+              f"{'arcface_torch s':>17}")
+        for depth in args.depths:
+            for channels_last in (True, False):
+                parts = breakdown(depth, channels_last, args.batch, args.classes, args.steps,
+                                  device)
+                for name, (ours, theirs) in parts.items():
+                    theirs = "-" if theirs is None else f"{theirs:.4f}"
+                    print(f"{f'IResNet-{depth}':<12}{'on' if channels_last else 'off':>14}  "
+                          f"{name:<18}{ours:>12.4f}{theirs:>17}", flush=True)
+        return
     print(f"IResNet + ArcFace training step, batch {args.batch}, {args.classes} classes, SGD, "
           f"112x112, {where}, {torch.get_num_threads()} threads; median of {args.steps} steps "
           f"after a warm-up, facetrain and arcface_torch interleaved", flush=True)
