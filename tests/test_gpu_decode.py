@@ -304,7 +304,7 @@ def test_training_with_gpu_decode_on_a_cpu_device_trains_as_cpu_decode(tiny_face
         result = run_cli(
             "train.py", *tiny, "data.image_size=[112,112]", "data/augmentation=none",
             f"data.decode={decode}", *extra, "trainer.max_epochs=1",
-            "trainer.limit_train_batches=3", "measure_baselines=false", cwd=tmp_path,
+            "+trainer.limit_train_batches=3", "measure_baselines=false", cwd=tmp_path,
         )
         assert result.returncode == 0, result.stderr[-3000:]
         assert json.loads((run_dir / "metrics.json").read_text())["steps"] == 3
