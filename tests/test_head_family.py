@@ -663,6 +663,53 @@ def test_magface_margin_grows_with_norm_and_regulariser_matches_formula():
     assert head.extra_loss() is None
 
 
+@pytest.mark.parametrize("stem, overrides", [
+    ("magface", {}), ("mvsoftmax", {"target": "am", "margin": 0.35}),
+    ("mvsoftmax", {"target": "arc", "margin": 0.5}),
+])
+def test_easy_margin_drops_the_margin_where_cos_y_is_not_positive(stem, overrides):
+    """The training codes' ``easy_margin`` (MagFace's, MV-Softmax's SV-X-Softmax): T = the
+    margined target where cos_y > 0, cos_y elsewhere; MV-Softmax's hard negatives are still
+    those above the margined target. Both the logits and the fused training loss."""
+    lengths = [12, 30, 50, 70, 90, 105, 20, 40, 60, 80, 100, 25]
+    x, w, labels = batch(77, angles=(0.3, 1.2, 1.7, 2.0, 2.6, 3.0), lengths=lengths)
+    cos = cosines(x, w)
+    norms = np.linalg.norm(x.astype(np.float64), axis=1)
+    cos_y = cos[np.arange(len(labels)), labels]
+    assert (cos_y > 0).any() and (cos_y <= 0).any()
+    if stem == "magface":
+        scale, t, margin = 64.0, None, magface_margin(norms)
+        margined = [float(arc_target(c, margin[i])) for i, c in enumerate(cos_y)]
+    else:
+        scale, t, m = 32.0, 1.2, overrides["margin"]
+        margined = [c - m if overrides["target"] == "am" else float(arc_target(c, m))
+                    for c in cos_y]
+    expected, between = np.empty_like(cos), []
+    for i, y in enumerate(labels):
+        for j, c in enumerate(cos[i]):
+            if j == y:
+                expected[i, j] = margined[i] if cos_y[i] > 0 else cos_y[i]
+            elif t is not None and c > margined[i]:  # MV-Softmax: a hard negative
+                expected[i, j] = t * c + t - 1.0
+                between.append(c <= cos_y[i] <= 0)  # hard by the margined target only
+            else:
+                expected[i, j] = c
+    expected *= scale
+    assert stem == "magface" or any(between)  # the case tells the two bounds apart
+
+    margin_head = build(stem, {**overrides, "easy_margin": True}).train()
+    set_weight(margin_head, w)
+    logits = forward(margin_head, x, labels)
+    np.testing.assert_allclose(logits, expected, rtol=0, atol=SCALED_ATOL)
+    loss = margin_head.centers(torch.from_numpy(x), torch.from_numpy(labels),
+                               margin_head.rule).loss
+    expected_loss = F.cross_entropy(torch.from_numpy(expected), torch.from_numpy(labels))
+    assert loss.item() == pytest.approx(expected_loss.item(), rel=1e-5)
+    paper = forward(set_weight(build(stem, overrides), w), x, labels)
+    assert not np.allclose(paper, expected, rtol=0, atol=SCALED_ATOL)  # false: the paper
+    assert OmegaConf.load(CONFIG_DIR / f"{stem}.yaml").easy_margin is False
+
+
 # ---------------------------------------------------------------------------------------------
 # 2. psi and 3. the SphereFace annealing schedule
 # ---------------------------------------------------------------------------------------------

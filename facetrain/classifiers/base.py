@@ -153,9 +153,10 @@ class ClassCenters(nn.Module):
                 f"{type(margin).__name__}.logit_scale gave shape {tuple(scale.shape)}: the fused "
                 "epilogue takes one scale or one per row; a scale by class needs fused = False"
             )
+        bound = margin.hard_negative_bound(cos_y, inputs.norms, target).detach()
         rows, c.cos = margin_cross_entropy(
-            inputs.features, inputs.weight, center_norms, target, slope, scale, inputs.index,
-            margin, k, inputs.distributed, keep_cosines,
+            inputs.features, inputs.weight, center_norms, target, slope, bound, scale,
+            inputs.index, margin, k, inputs.distributed, keep_cosines,
         )
         return rows, c
 

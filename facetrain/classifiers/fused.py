@@ -49,29 +49,30 @@ def row_blocks(rows: int, columns: int) -> Iterator[slice]:
 
 def margin_cross_entropy(
     features: torch.Tensor, weight: torch.Tensor, center_norms: torch.Tensor,
-    target: torch.Tensor, target_slope: torch.Tensor, scale: float | torch.Tensor,
-    index: torch.Tensor, margin: Margin, subcenters: int = 1, distributed: bool = False,
-    keep_cosines: bool = False,
+    target: torch.Tensor, target_slope: torch.Tensor, bound: torch.Tensor,
+    scale: float | torch.Tensor, index: torch.Tensor, margin: Margin, subcenters: int = 1,
+    distributed: bool = False, keep_cosines: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The cross-entropy (rows,) of ``margin`` on the cosines of ``features`` (rows, D), unit
     vectors, to the rows of ``weight`` (C·K, D) with norms ``center_norms`` (C·K,) (detached),
     and the (rows, C) cosines if ``keep_cosines`` (detached, for statistics; else None).
 
     ``target`` (rows, 1) is ``T(cos_y)`` with its autograd graph (to the norms, for MagFace) and
-    ``target_slope`` (rows, 1) its derivative in ``cos_y``, detached; ``scale`` a float or a
+    ``target_slope`` (rows, 1) its derivative in ``cos_y``, detached; ``bound`` (rows, 1) what a
+    hard negative exceeds (``Margin.hard_negative_bound``), detached; ``scale`` a float or a
     tensor of one value or one per row (rows, 1); ``index`` (rows, 1) the target's column, -1
     where another rank holds it (then ``distributed`` reduces the softmax over the ranks).
     """
     loss, kept = _MarginCrossEntropy.apply(
-        features, weight, center_norms, target, target_slope, scale, index, margin, subcenters,
-        distributed, keep_cosines,
+        features, weight, center_norms, target, target_slope, bound, scale, index, margin,
+        subcenters, distributed, keep_cosines,
     )
     return loss, kept if keep_cosines else None
 
 
 class _MarginCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, features, weight, center_norms, target, target_slope, scale, index,
+    def forward(ctx, features, weight, center_norms, target, target_slope, bound, scale, index,
                 margin, subcenters, distributed, keep_cosines):
         rows = features.shape[0]
         inverse = 1.0 / center_norms.clamp_min(NORM_FLOOR)
@@ -82,7 +83,7 @@ class _MarginCrossEntropy(torch.autograd.Function):
         target = target.detach()
         per_row = torch.is_tensor(scale)
         scale_rows = scale.detach().expand(rows, 1) if per_row else scale
-        scale_grad = per_row and ctx.needs_input_grad[5]
+        scale_grad = per_row and ctx.needs_input_grad[6]
         cos = product.new_empty(rows, classes) if subcenters > 1 else product
         kept = cos.new_empty(rows, classes) if keep_cosines else cos.new_empty(0)
         row_max = cos.new_empty(rows, 1)
@@ -102,7 +103,7 @@ class _MarginCrossEntropy(torch.autograd.Function):
             value = margin.hard_negative_logit(block)
             slope = None
             if value is not None:
-                hard = block > target[r]
+                hard = block > bound[r]
                 slope = torch.where(hard, margin.hard_negative_slope(block), 1.0)
                 torch.where(hard, value, block, out=block)
                 # the target column is no negative: slope 1 where this store holds it
@@ -179,7 +180,7 @@ class _MarginCrossEntropy(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_weight = torch.mm(grad_product.t(), features)
             project_out_norm_direction(grad_weight, weight, center_norms, inverse)
-        return (grad_features, grad_weight, None, grad_target, None, grad_scale,
+        return (grad_features, grad_weight, None, grad_target, None, None, grad_scale,
                 None, None, None, None, None)
 
 

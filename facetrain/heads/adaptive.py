@@ -4,7 +4,14 @@ import math
 
 import torch
 
-from facetrain.heads.base import COS_EPS, CenterCosines, Margin, Reduce, additive_angular_margin
+from facetrain.heads.base import (
+    COS_EPS,
+    CenterCosines,
+    Margin,
+    Reduce,
+    additive_angular_margin,
+    easy_margin,
+)
 
 
 class AdaFace(Margin):
@@ -50,7 +57,11 @@ class MagFace(Margin):
     magnitude ``a = clip(|x|, l_a, u_a)``: ``m(a) = l_m + (u_m − l_m)(a − l_a)/(u_a − l_a)``,
     plus the regulariser ``lambda_g·mean(1/a + a/u_a²)`` (returned by ``extra_loss``, averaged
     over this rank's own embeddings), which pushes easy samples to large norms. Paper: l_a=10,
-    u_a=110, l_m=0.45, u_m=0.8, lambda_g=35, s=64."""
+    u_a=110, l_m=0.45, u_m=0.8, lambda_g=35, s=64.
+
+    Past ``theta_y > pi − m(a)`` the target falls back to ``cos_y − m(a)·sin(m(a))`` as in ArcFace
+    (the paper's formula, the default). ``easy_margin`` is the rule of the MagFace training code's
+    default instead: the margin only where ``cos_y > 0``, ``cos_y`` elsewhere."""
 
     def __init__(
         self,
@@ -60,16 +71,19 @@ class MagFace(Margin):
         l_m: float = 0.45,
         u_m: float = 0.8,
         lambda_g: float = 35.0,
+        easy_margin: bool = False,
     ):
         super().__init__(scale)
         self.l_a, self.u_a, self.l_m, self.u_m, self.lambda_g = l_a, u_a, l_m, u_m, lambda_g
+        self.easy_margin = easy_margin
 
     def margin_for(self, norms: torch.Tensor) -> torch.Tensor:
         a = norms.clamp(self.l_a, self.u_a)
         return self.l_m + (self.u_m - self.l_m) * (a - self.l_a) / (self.u_a - self.l_a)
 
     def target_logit(self, cos_y: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
-        return additive_angular_margin(cos_y, self.margin_for(norms))
+        target = additive_angular_margin(cos_y, self.margin_for(norms))
+        return easy_margin(cos_y, target) if self.easy_margin else target
 
     def extra_term(self, c: CenterCosines) -> torch.Tensor:
         a = c.local_norms.clamp(self.l_a, self.u_a)

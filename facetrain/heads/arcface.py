@@ -3,7 +3,7 @@ CVPR 2019): ``T(cos_y) = cos(theta_y + m)``, every non-target logit stays ``cos_
 
 import torch
 
-from facetrain.heads.base import Margin, additive_angular_margin
+from facetrain.heads.base import Margin, additive_angular_margin, easy_margin
 
 
 class ArcFace(Margin):
@@ -21,4 +21,4 @@ class ArcFace(Margin):
 
     def target_logit(self, cos_y: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
         target = additive_angular_margin(cos_y, self.margin)
-        return torch.where(cos_y > 0, target, cos_y) if self.easy_margin else target
+        return easy_margin(cos_y, target) if self.easy_margin else target

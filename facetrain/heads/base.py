@@ -52,6 +52,12 @@ def additive_angular_margin(cos_y: torch.Tensor, margin) -> torch.Tensor:
     return torch.where(cos_y > threshold, cos_y_plus_m, cos_y - margin * sin_m)
 
 
+def easy_margin(cos_y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The ``easy_margin`` rule of insightface's ArcFace, MagFace's and MV-Softmax's training
+    code: the margin-modulated ``target`` where ``cos_y > 0``, ``cos_y`` (no margin) elsewhere."""
+    return torch.where(cos_y > 0, target, cos_y)
+
+
 def clamp_cosine(cos: torch.Tensor) -> torch.Tensor:
     """Keep cosines inside (-1, 1) so that acos and sqrt(1 - cos^2) have finite gradients."""
     return cos.clamp(-1 + COS_EPS, 1 - COS_EPS)
@@ -123,8 +129,9 @@ class Margin(nn.Module):
         return cos_y
 
     def non_target_logit(self, cos: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """N(cos_j) (N, C) before scaling, given the modulated target (N, 1): ``cos_j``, or
-        ``hard_negative_logit(cos_j)`` where ``cos_j > T(cos_y)``. A margin that overrides this
+        """N(cos_j) (N, C) before scaling, given the hard-negative bound (N, 1), the modulated
+        target T(cos_y) unless ``hard_negative_bound`` says otherwise: ``cos_j``, or
+        ``hard_negative_logit(cos_j)`` where ``cos_j`` exceeds it. A margin that overrides this
         runs the reference path only (``fused_epilogue``)."""
         hard = self.hard_negative_logit(cos)
         return cos if hard is None else torch.where(cos > target, hard, cos)
@@ -134,6 +141,12 @@ class Margin(nn.Module):
         None: every non-target logit stays ``cos_j``. Elementwise; a margin that defines it also
         defines ``hard_negative_slope``."""
         return None
+
+    def hard_negative_bound(self, cos_y: torch.Tensor, norms: torch.Tensor,
+                            target: torch.Tensor) -> torch.Tensor:
+        """What a non-target cosine must exceed to be a hard negative (rows, 1): the modulated
+        target T(cos_y) itself here."""
+        return target
 
     def hard_negative_slope(self, cos: torch.Tensor) -> torch.Tensor:
         """h'(cos_j), the derivative of ``hard_negative_logit`` (the fused backward's slope)."""
@@ -172,7 +185,8 @@ class Margin(nn.Module):
     def logits(self, c: CenterCosines) -> torch.Tensor:
         """Logits (rows, centers held) on which cross-entropy is the loss, in float32."""
         target = self.target_logit(c.cos_y, c.norms)
-        logits = put_target(self.non_target_logit(c.cos, target), c.index, target)
+        bound = self.hard_negative_bound(c.cos_y, c.norms, target)
+        logits = put_target(self.non_target_logit(c.cos, bound), c.index, target)
         return logits * self.logit_scale(c.norms, c.center_norms)
 
     def unmargined(self, c: CenterCosines) -> torch.Tensor:
