@@ -262,12 +262,15 @@ def test_a_stream_the_device_cannot_decode_is_replaced_and_counted(faces, tmp_pa
     assert failures["count"] == 1 and failures["first"][0].endswith("id1/0.jpg")
 
 
-def test_truncated_jpeg_fails_in_the_worker_as_on_the_cpu_path(faces):
+def test_images_the_device_does_not_take_are_decoded_by_the_worker(faces):
     data = (faces / "id0" / "0.jpg").read_bytes()
     with pytest.raises(DECODE_ERRORS):
         read_encoded(data[: len(data) // 2], 0)
     assert read_encoded(data, 0).data.dim() == 1  # whole: the device decodes it
-    assert read_encoded((faces / "id0" / "cmyk.jpg").read_bytes(), 0).data.shape == (3, 112, 112)
+    for other in ("id0/cmyk.jpg", "id1/png.png"):  # decoded by the worker, as PIL decodes them
+        image = read_encoded((faces / other).read_bytes(), 0).data
+        assert np.array_equal(image.permute(1, 2, 0).numpy(),
+                              decode_rgb((faces / other).read_bytes()))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -16,7 +16,6 @@ The device runs the augmentations of ``configs/data/augmentation/default.yaml`` 
 ``HorizontalFlip``, ``ColorJitter``, ``ToGray``; a pipeline with any other is refused.
 """
 
-import io
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -26,13 +25,18 @@ import albumentations as A
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from facetrain.data.images import DatasetError, decode_rgb
 
 DECODE_CHOICES = ("cpu", "gpu")
-JPEG_END = b"\xff\xd9"
+JPEG_START, JPEG_END = b"\xff\xd8", b"\xff\xd9"
+# Frame markers SOF0..SOF15 (0xC4 DHT, 0xC8 JPG and 0xCC DAC are not frames); the device takes
+# SOF0 baseline, SOF1 extended and SOF2 progressive Huffman coding (no lossless or arithmetic).
+START_OF_FRAME = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+DEVICE_FRAMES = frozenset({0xC0, 0xC1, 0xC2})
+START_OF_SCAN = 0xDA
+STANDALONE = frozenset({0x01, *range(0xD0, 0xD8)})  # TEM, RST0..7: markers without a length
 # torchvision 0.29 deprecates its image codecs for TorchCodec; decode_jpeg still is the batched
 # nvJPEG decoder this pipeline is built on.
 _CODEC_DEPRECATION = "The image decoding and encoding capabilities of TorchVision are deprecated"
@@ -51,13 +55,35 @@ class EncodedImage(NamedTuple):
     params: torch.Tensor | None = None
 
 
+def _jpeg_frame(data: bytes) -> tuple[int, int, int] | None:
+    """(frame marker, sample precision, components) of a JPEG's frame header, found by walking
+    its marker segments from the start; None where that walk fails (then PIL decides)."""
+    position = 2
+    while position + 10 <= len(data):
+        if data[position] != 0xFF:
+            return None
+        marker = data[position + 1]
+        if marker == 0xFF:  # fill byte
+            position += 1
+        elif marker in STANDALONE:
+            position += 2
+        elif marker in START_OF_FRAME:
+            return marker, data[position + 4], data[position + 9]
+        elif marker == START_OF_SCAN:
+            return None
+        else:
+            position += 2 + int.from_bytes(data[position + 2 : position + 4], "big")
+    return None
+
+
 def _device_decodable(data: bytes) -> bool:
-    """A JPEG that libjpeg-turbo and nvJPEG decode to PIL's RGB: colour or grey (not CMYK) and
-    ending in its end-of-image marker (PIL refuses a truncated stream; libjpeg would pad it)."""
-    with Image.open(io.BytesIO(data)) as image:  # parses the header only: a bad one raises
-        if image.format != "JPEG" or image.mode not in ("RGB", "L"):
-            return False
-    return data.rstrip(b"\0").endswith(JPEG_END)
+    """A JPEG that libjpeg-turbo and nvJPEG decode to PIL's RGB: 8-bit Huffman-coded baseline,
+    extended or progressive, grey or colour (not CMYK), ending in its end-of-image marker (PIL
+    refuses a truncated stream; libjpeg would pad it)."""
+    if not data.startswith(JPEG_START) or not data.rstrip(b"\0").endswith(JPEG_END):
+        return False
+    frame = _jpeg_frame(data)
+    return frame is not None and frame[0] in DEVICE_FRAMES and frame[1] == 8 and frame[2] in (1, 3)
 
 
 def read_encoded(data: bytes, position: int) -> EncodedImage:
@@ -147,19 +173,18 @@ def _levels(x: torch.Tensor, floor: bool = False) -> torch.Tensor:
     return torch.floor(x) if floor else torch.round(x)
 
 
-def adjust_brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    return _levels(x * _per_sample(factor), floor=True)
-
-
-def adjust_contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    mean = _gray(x).mean(dim=(1, 2, 3), keepdim=True)
-    factor = _per_sample(factor)
-    return _levels(x * factor + mean * (1 - factor), floor=True)
-
-
-def adjust_saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    factor = _per_sample(factor)
-    return _levels(x * factor + _gray(x) * (1 - factor))
+def adjust_affine(x: torch.Tensor, operation: torch.Tensor, factor: torch.Tensor
+                  ) -> torch.Tensor:
+    """Per sample, brightness (``operation`` 0: x f), contrast (1: x f + mean grey (1 - f)) or
+    saturation (2: x f + grey (1 - f)) by ``factor``, as albumentations computes them on uint8;
+    any other operation leaves the sample as it is. One pass for the three: x a + grey b + c."""
+    brightness, contrast, saturation = (operation == k for k in range(3))
+    gray = _gray(x)
+    scale = torch.where(brightness | contrast | saturation, factor, 1)
+    gray_weight = torch.where(saturation, 1 - factor, 0)
+    offset = torch.where(contrast, 1 - factor, 0) * gray.mean(dim=(1, 2, 3))
+    y = x * _per_sample(scale) + gray * _per_sample(gray_weight) + _per_sample(offset)
+    return torch.where(_per_sample(saturation), _levels(y), _levels(y, floor=True))
 
 
 def adjust_hue(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
@@ -222,27 +247,28 @@ class _ColorJitter(_Op):
     4 steps' operations."""
 
     size = 9
-    OPERATIONS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
-    IDENTITY = (1.0, 1.0, 1.0, 0.0)  # a factor range of only this is skipped
+    HUE = 3
 
     def __init__(self, transform: A.ColorJitter):
         super().__init__(transform)
-        self.ranges = [tuple(map(float, r)) for r in (transform.brightness, transform.contrast,
-                                                      transform.saturation, transform.hue)]
-        self.active = [k for k, (low, high) in enumerate(self.ranges)
-                       if not low == high == self.IDENTITY[k]]
+        ranges = (transform.brightness, transform.contrast, transform.saturation, transform.hue)
+        self.low, self.high = np.array(ranges, dtype=np.float64).T
+        self.hue = bool(self.low[self.HUE] or self.high[self.HUE])  # (0, 0): no hue pass
 
     def draw(self, rng: np.random.Generator) -> list[float]:
         applied = float(rng.random() < self.p)
-        factors = [rng.uniform(low, high) for low, high in self.ranges]
-        return [applied, *factors, *map(float, rng.permutation(4))]
+        factors = rng.uniform(self.low, self.high)
+        return [applied, *factors, *rng.permutation(4)]
 
     def apply(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
-        applied, factors, order = params[:, 0] > 0, params[:, 1:5], params[:, 5:9]
+        applied, factors = params[:, 0] > 0, params[:, 1:5]
         for step in range(4):
-            for k in self.active:
-                chosen = _per_sample(applied & (order[:, step] == k))
-                x = torch.where(chosen, self.OPERATIONS[k](x, factors[:, k]), x)
+            operation = torch.where(applied, params[:, 5 + step].long(), -1)
+            factor = factors.gather(1, operation.clamp(min=0)[:, None])[:, 0]
+            x = adjust_affine(x, operation, factor)
+            if self.hue:
+                hued = _per_sample(operation == self.HUE)
+                x = torch.where(hued, adjust_hue(x, factors[:, self.HUE]), x)
         return x
 
 
@@ -305,8 +331,8 @@ class DevicePipeline:
     def __call__(self, *, image: EncodedImage) -> dict:
         # A draw seeded for this sample, once; unseeded reads (a plain index) draw fresh entropy.
         rng, self._rng = self._rng or np.random.default_rng(), None
-        params = [value for op in self.ops for value in op.draw(rng)]
-        return {"image": image._replace(params=torch.tensor(params, dtype=torch.float32))}
+        params = np.array([value for op in self.ops for value in op.draw(rng)], np.float32)
+        return {"image": image._replace(params=torch.from_numpy(params))}
 
     # --- device side ---
 
