@@ -23,6 +23,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from benchmarks.figures import Figure
 from facetrain.align.pipeline import REPORT_NAME, AlignOptions, align_images
 from facetrain.data.synthetic import draw_photo, sample_traits
 
@@ -71,12 +72,13 @@ def landmark_errors(report: Path, truth: dict[str, np.ndarray]) -> tuple[list[fl
     return errors, len(truth) - len(errors)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> list[Figure]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=200)
     parser.add_argument("--size", type=int, default=256, help="photo side, pixels")
     parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    figures = []
     with tempfile.TemporaryDirectory(prefix="facetrain-align-") as temporary:
         root = Path(temporary) / "photos"
         truth = write_photos(root, args.images, args.size)
@@ -94,11 +96,26 @@ def main() -> None:
                                   workers=args.workers, progress=False)
             speed = args.images / result.seconds
             print(f"{name:<36}{speed:>9.1f} images/s   {speed / rate:.2f}x")
+            figures.append(Figure(
+                "align_speed", f"facetrain-align, {name.removeprefix('align, ')}, {args.images} "
+                f"photos {args.size}x{args.size}: images/s", speed / rate,
+                "cv2.imread + imwrite of each photo, images/s",
+                f"{speed:.1f} vs {rate:.1f} images/s, {args.workers} worker process(es)",
+            ))
         errors, missed = landmark_errors(dst / REPORT_NAME, truth)
         print(f"MTCNN landmark error (mean of 5 points per face, px): median "
               f"{np.median(errors):.2f}, mean {np.mean(errors):.2f}, 90th percentile "
               f"{np.percentile(errors, 90):.2f}, worst {max(errors):.2f}; "
               f"{missed} of {args.images} photos without a face found")
+    return figures
+
+
+def quick() -> list[Figure]:
+    return main(["--images", "40"])
+
+
+def full() -> list[Figure]:
+    return main([])
 
 
 if __name__ == "__main__":

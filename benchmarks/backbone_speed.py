@@ -28,6 +28,7 @@ import torchvision
 from omegaconf import OmegaConf
 from torch import nn
 
+from benchmarks.figures import Figure
 from facetrain.backbones import available, count_macs, count_parameters, create, load_config
 
 # Figures published for the same architecture (see each backbone's model-card docstring).
@@ -73,7 +74,7 @@ def measure(model, baseline, images, baseline_images, steps) -> tuple[float, flo
     return statistics.median(times), statistics.median(baseline_times)
 
 
-def main() -> None:
+def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     names = sorted(filter(has_every_value, available()), key=family_then_depth)
     parser.add_argument("--backbones", nargs="+", default=[n for n in names if n != "timm"],
@@ -84,8 +85,11 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--contiguous", action="store_true", help="NCHW instead of channels_last")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
 
+
+def main(argv: list[str] | None = None) -> list[Figure]:
+    args = parse(argv)
     device = torch.device(args.device)
     memory_format = torch.contiguous_format if args.contiguous else torch.channels_last
     generator = torch.Generator().manual_seed(0)
@@ -104,6 +108,7 @@ def main() -> None:
     header = (f"{'backbone':<14}{'input':>8}{'params':>9}{'GMACs':>8}  {'published':<36}"
               f"{'img/s':>8}{'÷ resnet18':>12}")
     print(header + (f"{'compiled ÷ eager':>18}" if args.compile else ""), flush=True)
+    figures = []
     for name in args.backbones:
         torch.manual_seed(0)
         model = create(name, **({"model_name": args.timm_model} if name == "timm" else {}))
@@ -113,9 +118,17 @@ def main() -> None:
         images = batch(size)
         seconds, baseline_seconds = measure(model, baseline, images, baseline_images, args.steps)
         label = f"timm:{args.timm_model}" if name == "timm" else name
-        row = (f"{label:<14}{f'{size[0]}x{size[1]}':>8}{count_parameters(model) / 1e6:>8.2f}M"
+        params = count_parameters(model) / 1e6
+        row = (f"{label:<14}{f'{size[0]}x{size[1]}':>8}{params:>8.2f}M"
                f"{macs / 1e9:>8.2f}  {PUBLISHED.get(name, '-'):<36}"
                f"{args.batch / seconds:>8.1f}{baseline_seconds / seconds:>11.2f}x")
+        step = f"{label} {size[0]}x{size[1]} training step ({layout}), batch {args.batch}"
+        figures.append(Figure(
+            "backbone_speed", f"{step}: images/s", baseline_seconds / seconds,
+            "torchvision resnet18 at 112x112, images/s",
+            f"{args.batch / seconds:.1f} vs {args.batch / baseline_seconds:.1f} images/s; "
+            f"{params:.2f}M params, {macs / 1e9:.2f} GMACs",
+        ))
         if args.compile:
             start = time.perf_counter()
             compiled = torch.compile(model)
@@ -123,8 +136,26 @@ def main() -> None:
             compile_seconds = time.perf_counter() - start
             compiled_seconds, eager_seconds = measure(compiled, model, images, images, args.steps)
             row += f"{eager_seconds / compiled_seconds:>11.2f}x ({compile_seconds:.0f} s compile)"
+            figures.append(Figure(
+                "backbone_speed", f"{step}, torch.compile: images/s",
+                eager_seconds / compiled_seconds, "the same backbone eager, images/s",
+                f"{args.batch / compiled_seconds:.1f} vs {args.batch / eager_seconds:.1f} "
+                f"images/s; {compile_seconds:.0f} s to compile",
+            ))
         print(row, flush=True)
         del model
+    return figures
+
+
+def quick() -> list[Figure]:
+    """The default backbone, the smallest insightface iresnet and SphereFace's paper net (the
+    larger ones take minutes a step on 2 cores), batch 8."""
+    return main(["--backbones", "mobilefacenet", "iresnet18", "sphereface20", "--batch", "8",
+                 "--steps", "3"])
+
+
+def full() -> list[Figure]:
+    return main([])
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ Every benchmark module keeps its own command line (``python -m benchmarks.NAME -
 also defines ``quick() -> list[Figure]``: the same measurement at a size that lets the whole set
 run in about 10 minutes on 2 CPU cores. ``python -m benchmarks`` calls each ``quick()`` and
 writes ``benchmarks/results.json`` and the markdown table the README's performance section is.
+A module may also define ``full() -> list[Figure]``, its command line's default sizes, which
+``python -m benchmarks`` without ``--quick`` runs, and raise ``Skip`` where it cannot run.
 """
 
 from dataclasses import asdict, dataclass
@@ -22,3 +24,8 @@ class Figure:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+class Skip(Exception):
+    """Raised by ``quick()`` when the benchmark cannot run here (e.g. it needs a GPU): the
+    message is the table's row, and the run does not count as failed."""

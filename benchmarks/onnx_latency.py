@@ -28,6 +28,7 @@ import onnxruntime
 import torch
 from torch import nn
 
+from benchmarks.figures import Figure
 from facetrain.backbones import create
 from facetrain.data.synthetic import draw_face, sample_traits
 from facetrain.data.transforms import build_transform
@@ -59,8 +60,8 @@ def seconds(run, images) -> float:
     return time.perf_counter() - start
 
 
-def latencies(name: str, faces: torch.Tensor, args, threads: int) -> None:
-    """Print one row per batch size for backbone ``name``."""
+def latencies(name: str, faces: torch.Tensor, args, threads: int) -> list[Figure]:
+    """Print one row per batch size for backbone ``name``; a figure per batch and layout."""
     backbone = calibrate_batchnorm(create(name, input_size=args.input_size), faces[:32])
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads
@@ -82,6 +83,7 @@ def latencies(name: str, faces: torch.Tensor, args, threads: int) -> None:
         "torch_nhwc": lambda x: nhwc(x.contiguous(memory_format=torch.channels_last)),
         "ort": lambda x: session.run(None, {"images": x.numpy()}),
     }
+    figures = []
     for batch in args.batches:
         images = faces[:batch].contiguous()
         times = {key: [] for key in runs}
@@ -95,17 +97,24 @@ def latencies(name: str, faces: torch.Tensor, args, threads: int) -> None:
         print(f"{name:<16}{batch:>6}{ms['torch']:>10.2f}{ms['torch_nhwc']:>14.2f}"
               f"{ms['ort']:>13.2f}{ms['ort'] / ms['torch']:>15.2f}"
               f"{ms['ort'] / ms['torch_nhwc']:>12.2f}")
+        for key, layout in (("torch", "NCHW"), ("torch_nhwc", "channels_last")):
+            figures.append(Figure(
+                "onnx_latency", f"{name} ONNX, onnxruntime CPU, batch {batch}: ms per call",
+                ms["ort"] / ms[key], f"the same backbone in PyTorch eval ({layout}), ms",
+                f"{ms['ort']:.2f} ms vs {ms[key]:.2f} ms, {threads} threads",
+            ))
     print(f"{'':<16}parity on 8 faces: {parity}")
+    return figures
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> list[Figure]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backbones", nargs="+", default=["mobilefacenet"])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 64])
     parser.add_argument("--input-size", type=int, nargs=2, default=[112, 112])
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     threads = args.threads
     torch.set_num_threads(threads)
@@ -114,8 +123,15 @@ def main() -> None:
           f"{args.input_size[1]}, median of {args.repeats} (ms per batch)")
     print(f"{'backbone':<16}{'batch':>6}{'PyTorch':>10}{'PyTorch NHWC':>14}{'onnxruntime':>13}"
           f"{'ORT / PyTorch':>15}{'ORT / NHWC':>12}")
-    for name in args.backbones:
-        latencies(name, faces, args, threads)
+    return [figure for name in args.backbones for figure in latencies(name, faces, args, threads)]
+
+
+def quick() -> list[Figure]:
+    return main(["--batches", "1", "16", "--repeats", "9"])
+
+
+def full() -> list[Figure]:
+    return main([])
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.plugins.precision import MixedPrecision
 
+from benchmarks.figures import Figure
 from facetrain.backbones import create
 from facetrain.classifiers import FullClassCenters
 from facetrain.heads import ArcFace
@@ -106,7 +107,7 @@ def guard_ms(module, device: str, repeats: int = 20) -> float:
     return 1e3 * statistics.median(times)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> list[Figure]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--backbone", default="mobilefacenet")
@@ -117,7 +118,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="timed rounds after a warm-up")
     parser.add_argument("--precisions", nargs="+", default=None,
                         help="default: 16-mixed (CUDA only), bf16-mixed (where supported)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)  # a Trainer per round
     warnings.filterwarnings("ignore", message=r".*(val_dataloader|LeafSpec|GPU available)")
     cuda = args.device == "cuda"
@@ -152,14 +153,39 @@ def main() -> None:
 
     baseline = statistics.median(timers["32-true"].times)
     print(f"{'precision':<12}{'ms/step':>10}{'÷ 32-true':>11}{'skipped':>9}{'amp overflows':>15}")
+    setup = (f"{args.backbone} {args.size}x{args.size} + ArcFace training step, batch "
+             f"{args.batch}, {'CUDA' if cuda else 'CPU'}")
+    figures = []
     for precision in precisions:
         seconds = statistics.median(timers[precision].times)
         module = modules[precision]
         overflows = module.amp_overflow_steps if precision == "16-mixed" else "-"
         print(f"{precision:<12}{1e3 * seconds:>10.1f}{seconds / baseline:>10.2f}x"
               f"{module.nonfinite_skipped:>9}{overflows:>15}")
-    print(f"non-finite guard's device work (32-true model): "
-          f"{guard_ms(copy.deepcopy(model), args.device):.2f} ms per step")
+        if precision != "32-true":
+            figures.append(Figure(
+                "precision_speed", f"{setup}, trainer.precision={precision}: ms",
+                seconds / baseline, "the same step at 32-true, ms",
+                f"{1e3 * seconds:.1f} ms vs {1e3 * baseline:.1f} ms; {module.nonfinite_skipped} "
+                "steps skipped" + (f", {overflows} amp overflows" if overflows != "-" else ""),
+            ))
+    guard = guard_ms(copy.deepcopy(model), args.device)
+    print(f"non-finite guard's device work (32-true model): {guard:.2f} ms per step")
+    figures.append(Figure(
+        "precision_speed", f"{setup}: the non-finite guard's device work, ms", guard / baseline /
+        1e3, "the 32-true step it guards, ms", f"{guard:.2f} ms vs {1e3 * baseline:.1f} ms",
+    ))
+    return figures
+
+
+def quick() -> list[Figure]:
+    """The device there is, at its default size (on a CPU: bf16-mixed vs 32-true at 64x64),
+    one timed round."""
+    return main(["--device", "cuda" if torch.cuda.is_available() else "cpu", "--rounds", "1"])
+
+
+def full() -> list[Figure]:
+    return main(["--device", "cuda" if torch.cuda.is_available() else "cpu"])
 
 
 if __name__ == "__main__":

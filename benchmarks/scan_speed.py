@@ -19,6 +19,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from benchmarks.figures import Figure
 from facetrain.data.folder import SCAN_WORKERS, IdentityFolderDataset
 
 
@@ -42,12 +43,12 @@ def timed(**options) -> tuple[float, IdentityFolderDataset]:
     return time.perf_counter() - start, dataset
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> list[Figure]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--identities", type=int, default=5000)
     parser.add_argument("--images", type=int, default=20)
     parser.add_argument("--workers", type=int, default=SCAN_WORKERS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="facetrain-scan-") as temporary:
         root, index = Path(temporary) / "faces", Path(temporary) / "index.json"
@@ -65,6 +66,23 @@ def main() -> None:
               f"(index {index.stat().st_size / 1e6:.1f} MB)")
         print(f"start with cached index:    {cached:7.2f} s")
         print(f"first scan / cached start:  {first / cached:7.1f}x")
+    files = f"{args.identities:,} identities x {args.images} JPEGs"
+    return [
+        Figure("scan_speed", f"start with the cached index, {files}: seconds", cached / first,
+               f"first scan ({args.workers} threads, writes the index), seconds",
+               f"{cached:.3f} s vs {first:.2f} s"),
+        Figure("scan_speed", f"first scan, {args.workers} threads, {files}: seconds",
+               first / serial, "scan on 1 thread without cache, seconds",
+               f"{first:.2f} s vs {serial:.2f} s (files in the page cache)"),
+    ]
+
+
+def quick() -> list[Figure]:
+    return main(["--identities", "1000", "--images", "10"])
+
+
+def full() -> list[Figure]:
+    return main([])
 
 
 if __name__ == "__main__":
