@@ -5,6 +5,7 @@ same run, collected into ``benchmarks/results.json`` and the markdown table ``re
     python -m benchmarks --quick --only scan_speed eval_speed
     python -m benchmarks --quick --readme         # also put the table in README.md
     python -m benchmarks                          # full sizes: each module's full()
+    python -m benchmarks --table-only --readme    # the README's table from results.json, no run
 
 A benchmark is a module of this folder that defines ``quick() -> list[Figure]`` (the protocol in
 ``benchmarks/figures.py``); it is found by reading the source, not by importing it. Each one runs
@@ -16,7 +17,11 @@ non-zero; a ``Skip`` it raises (e.g. it needs a GPU) is a row and not a failure.
 one is skipped with a pointer to its own command line. ``--only`` writes results of just those.
 
 ``--readme`` replaces what README.md holds between the lines ``<!-- benchmarks:begin -->`` and
-``<!-- benchmarks:end -->`` with the table and a line naming the machine it ran on.
+``<!-- benchmarks:end -->`` with the table and a line naming the machine it ran on. Each
+benchmark's CPU time is recorded beside its wall time: on a machine others are using, it is the
+better guide to what the run takes on idle cores, and ``--threads 1`` keeps OpenMP threads from
+spin-waiting for a descheduled sibling (a 2-thread MobileFaceNet step took 4x the wall time of a
+1-thread one on a 2-core machine at load 15).
 """
 
 import argparse
@@ -217,8 +222,8 @@ def machine_line(results: dict) -> str:
     before, after = results["load_average"]
     return (f"`{results['command']}` on {m['cpu']} ({m['cpus_usable'] or m['cpus']} cores"
             f"{threads}), {gpu}; torch {m['torch']}, Python {m['python']}; commit {commit}, "
-            f"{results['date']}; {minutes} min {seconds} s in all (load average {before:.1f} at "
-            f"the start, {after:.1f} at the end).")
+            f"{results['date']}; {minutes} min {seconds} s in all, {results['cpu_seconds']:.0f} "
+            f"s of CPU (load average {before:.1f} at the start, {after:.1f} at the end).")
 
 
 def markdown(results: dict) -> str:
@@ -272,6 +277,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                         help="per benchmark; a benchmark still running is killed and reported "
                              "(default: 900 with --quick, none without)")
+    parser.add_argument("--table-only", action="store_true",
+                        help="run nothing: rebuild results.md (and with --readme the README's "
+                             "table) from the results.json in --output")
     parser.add_argument("--threads", type=int, metavar="N",
                         help="OMP_NUM_THREADS of every benchmark (default: as set, or torch's "
                              "default, one per core)")
@@ -284,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
         child(package, args.child, args.quick, args.result)
         return 0
 
+    if args.table_only:
+        return write_table(load_results(args.output), args.output, args.readme)
     names = discover(package)
     if args.only:
         unknown = [name for name in args.only if name not in names]
@@ -306,32 +316,47 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{number:>2}/{len(names)}] {name:<24}", end="", flush=True)
         entry = run_one(package, name, args.quick, timeout, args.threads)
         entries.append(entry)
-        if entry["status"] == "ok":
-            print(f"{entry['seconds']:7.1f} s ({entry['cpu_seconds']:.0f} s CPU)  "
-                  f"{len(entry['figures'])} figures", flush=True)
-        else:
-            print(f"{entry['seconds']:7.1f} s  {entry['status'].upper()}: "
-                  f"{entry.get('error') or entry.get('reason')}", flush=True)
+        print(f"{entry['seconds']:7.1f} s ({entry['cpu_seconds']:.0f} s CPU)  "
+              + (f"{len(entry['figures'])} figures" if entry["status"] == "ok" else
+                 f"{entry['status'].upper()}: {entry.get('error') or entry.get('reason')}"),
+              flush=True)
         if entry["status"] == "failed":
             tail = entry["output"].rstrip().splitlines()[-TAIL_SHOWN:]
             print("".join(f"        {line}\n" for line in tail), end="", flush=True)
     results = {
         "command": command, "date": date, "total_seconds": round(time.perf_counter() - start, 1),
+        "cpu_seconds": round(sum(entry["cpu_seconds"] for entry in entries), 1),
         "load_average": [load, os.getloadavg()[0]], "machine": machine(entries),
         "figure_fields": [f.name for f in fields(Figure)], "benchmarks": entries,
     }
     args.output.mkdir(parents=True, exist_ok=True)
     write_atomically(args.output / "results.json", json.dumps(results, indent=1) + "\n")
-    table = markdown(results)
-    write_atomically(args.output / "results.md", table)
-    if args.readme is not None:
-        head, tail = readme_parts(args.readme)
-        write_atomically(args.readme, head + table + tail)
+    write_table(results, args.output, args.readme)
     failed = [entry["name"] for entry in entries if entry["status"] == "failed"]
-    print(f"\n{table}\nwrote {args.output / 'results.json'}, {args.output / 'results.md'}"
-          + (f" and {args.readme}" if args.readme is not None else "")
-          + (f"; FAILED: {', '.join(failed)}" if failed else ""), flush=True)
+    if failed:
+        print(f"FAILED: {', '.join(failed)}", flush=True)
     return 1 if failed else 0
+
+
+def load_results(output: Path) -> dict:
+    path = output / "results.json"
+    if not path.is_file():
+        raise SystemExit(f"python -m benchmarks: --table-only: {path} does not exist; run "
+                         f"python -m benchmarks --quick first")
+    return json.loads(path.read_text())
+
+
+def write_table(results: dict, output: Path, readme: Path | None) -> int:
+    """results.md and, with ``readme``, its marked region, from ``results``."""
+    table = markdown(results)
+    write_atomically(output / "results.md", table)
+    written = [output / "results.md"]
+    if readme is not None:
+        head, tail = readme_parts(readme)
+        write_atomically(readme, head + table + tail)
+        written.append(readme)
+    print(f"\n{table}\nwrote {', '.join(map(str, written))}", flush=True)
+    return 0
 
 
 if __name__ == "__main__":

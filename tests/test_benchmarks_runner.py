@@ -149,6 +149,13 @@ def test_full_sizes_only_and_refusals(package, tmp_path):
     assert [entry["name"] for entry in results["benchmarks"]] == ["good"]
     assert [f["ratio"] for f in results["benchmarks"][0]["figures"]] == [2.0]  # full(), not quick()
     assert results["command"] == "python -m benchmarks --only good"
+    readme = tmp_path / "README.md"
+    readme.write_text(README)
+    result = runner("--table-only", "--readme", str(readme), "--output", str(out), cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    table = (out / "results.md").read_text()
+    assert "| good | step \\| fused, full size | 2.00x | plain step |  |  |" in table
+    assert readme.read_text() == README.replace("old table\n", table)
 
     no_markers = tmp_path / "PLAIN.md"
     no_markers.write_text("# Project\n\nno table here\n")
