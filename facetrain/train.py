@@ -175,7 +175,8 @@ def train(cfg: DictConfig) -> dict:
         log.warning("no verification sets configured (data.verification): keeping only last.ckpt")
         cfg.callbacks.checkpoint.monitor = None
     callbacks = [  # the learning-rate monitor writes to a logger and refuses to run without one
-        instantiate(c) for name, c in cfg.callbacks.items() if loggers or name != "learning_rate"
+        instantiate(c) for name, c in cfg.callbacks.items()
+        if c is not None and (loggers or name != "learning_rate")  # null: a recipe drops it
     ]
     callbacks.append(LoadFailureReport())  # images that failed to decode, once per epoch
     preemption = Preemption(output_dir / CHECKPOINT_FOLDER)

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import hydra_main_config, tiny_overrides
+from helpers import hydra_main_config, margin_configs, tiny_overrides
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 
 from facetrain.cli import user_errors
@@ -16,8 +18,9 @@ from facetrain.module import TrainingError
 from facetrain.resources import config_dir
 from facetrain.train import train
 
-# Recipes for a use (finetune_small, small_data), not a paper's setting, are tested elsewhere.
-NOT_PAPERS = {"finetune_small", "small_data"}
+# Recipes for a use (finetune_small, small_data), not a paper's setting, are tested elsewhere;
+# compare_heads_cpu, a sweep of every head, below.
+NOT_PAPERS = {"finetune_small", "small_data", "compare_heads_cpu"}
 RECIPES = sorted(p.stem for p in Path(config_dir(), "experiment").glob("*.yaml")
                  if p.stem not in NOT_PAPERS)
 
@@ -77,6 +80,16 @@ def test_a_recipe_without_its_data_says_which_key_to_add(tmp_path):
         "needs it): add data.train_root=an MS1M RecordIO pack")
 
 
+def test_compare_heads_cpu_sweeps_every_margin_head_with_one_seed_and_data(tmp_path):
+    with hydra_main_config("train", "experiment=compare_heads_cpu", "seed=7",
+                           f"hydra.run.dir={tmp_path}") as cfg:
+        hydra = HydraConfig.get()
+        assert hydra.mode == RunMode.MULTIRUN  # python train.py experiment=... sweeps by itself
+        assert set(hydra.sweeper.params.loss.split(",")) == {f.stem for f in margin_configs()}
+        assert hydra.sweep.dir == "outputs/compare_heads_cpu/seed7"
+        assert cfg.data.synthetic.seed == 0  # the faces and pairs do not follow the run's seed
+
+
 # Shrunk: the synthetic faces at 32x32, 16 per batch on one CPU process in float32, a few epochs
 # (fractions of training place the recipe's milestones). IResNets keep their units' design at one
 # unit per stage (IResNet-10): an IResNet-100 step takes seconds on a CPU. The recipe's head,
@@ -89,10 +102,11 @@ SHRINK = ["data.image_size=[32,32]", "data.batch_size=16", "trainer=default",
 
 def shrink(recipe: str) -> list[str]:
     backbone, _, _ = PAPER_PARTS[recipe]
-    smaller = ["backbone.depth=10", "backbone.units=[1,1,1,1]"] if backbone == "IResNet" else []
-    return [f"experiment={recipe}", "data.train_root=${data.synthetic.root}/train",
-            "data.verification={synthetic: ${data.synthetic.root}/verification_pairs.txt}",
-            *SHRINK, *smaller]
+    smaller = ["backbone.depth=10", "+backbone.units=[1,1,1,1]"] if backbone == "IResNet" else []
+    # data=synthetic replaces the recipe's folder or pack (and its verification sets); the
+    # recipe still names the training folder, so it is given back.
+    return [f"experiment={recipe}", "data=synthetic",
+            "data.train_root=${data.synthetic.root}/train", *SHRINK, *smaller]
 
 
 @pytest.fixture(scope="module")
