@@ -171,6 +171,27 @@ def test_device_augmentations_are_albumentations(jitter, bound, mean_bound):
     assert errors.mean() < mean_bound
 
 
+@pytest.mark.parametrize("op", [
+    A.ToGray(p=1.0),
+    A.ColorJitter(brightness=0.4, contrast=0, saturation=0, hue=0, p=1.0),
+    A.ColorJitter(brightness=0, contrast=0.4, saturation=0, hue=0, p=1.0),
+], ids=["gray", "brightness", "contrast"])
+def test_device_operations_without_float_rounding_are_exact(op):
+    """Grey (OpenCV's fixed point), brightness and contrast (albucore's truncating tables) are
+    reproduced to the bit; only OpenCV's rounding of saturation blends differs (by a level)."""
+    rng = np.random.default_rng(3)
+    images = [smooth_image(rng, 24, 24) for _ in range(8)]
+    pipeline = DevicePipeline([op], (24, 24), (0.5,) * 3, (0.5,) * 3)
+    batch = encoded_batch(pipeline, images)
+    device_images, _ = pipeline.decode(batch, "cpu")
+    normalize = A.Normalize(mean=(0.5,) * 3, std=(0.5,) * 3, max_pixel_value=255.0)
+    for k, image in enumerate(images):
+        decoded = decode_rgb(jpeg(image, quality=95))
+        reference = albumentations_reference(decoded, [op], batch.params[k].numpy())
+        expected = normalize(image=reference)["image"]
+        assert np.array_equal(device_images[k].permute(1, 2, 0).numpy(), expected)
+
+
 def test_device_hue_is_the_float_rotation():
     """albumentations' hue on float images (OpenCV's float HSV, no quantisation), to the level."""
     rng = np.random.default_rng(2)
