@@ -113,11 +113,18 @@ def test_device_batch_equals_cpu_batch(source, augmentation, faces, pack):
         assert (images[~exact] - cpu_images[~exact]).abs().max() <= LEVEL + 1e-6
 
 
-def encoded_batch(pipeline: DevicePipeline, images: list[np.ndarray], seed: int = 0):
+def png(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def encoded_batch(pipeline: DevicePipeline, images: list[np.ndarray], seed: int = 0,
+                  encode=lambda image: jpeg(image, quality=95)):
     samples = []
     for position, image in enumerate(images):
         pipeline.set_random_state(np.random.default_rng([seed, position]))
-        sample = pipeline(image=read_encoded(jpeg(image, quality=95), position))["image"]
+        sample = pipeline(image=read_encoded(encode(image), position))["image"]
         samples.append((sample, position))
     return collate_encoded(samples)
 
@@ -180,14 +187,15 @@ def test_device_operations_without_float_rounding_are_exact(op):
     """Grey (OpenCV's fixed point), brightness and contrast (albucore's truncating tables) are
     reproduced to the bit; only OpenCV's rounding of saturation blends differs (by a level)."""
     rng = np.random.default_rng(3)
-    images = [smooth_image(rng, 24, 24) for _ in range(8)]
-    pipeline = DevicePipeline([op], (24, 24), (0.5,) * 3, (0.5,) * 3)
-    batch = encoded_batch(pipeline, images)
+    # Noise, for colours of every kind, as PNG: the worker decodes it and the device augments
+    # the very pixels albumentations gets.
+    images = [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(8)]
+    pipeline = DevicePipeline([op], (64, 64), (0.5,) * 3, (0.5,) * 3)
+    batch = encoded_batch(pipeline, images, encode=png)
     device_images, _ = pipeline.decode(batch, "cpu")
     normalize = A.Normalize(mean=(0.5,) * 3, std=(0.5,) * 3, max_pixel_value=255.0)
     for k, image in enumerate(images):
-        decoded = decode_rgb(jpeg(image, quality=95))
-        reference = albumentations_reference(decoded, [op], batch.params[k].numpy())
+        reference = albumentations_reference(image, [op], batch.params[k].numpy())
         expected = normalize(image=reference)["image"]
         assert np.array_equal(device_images[k].permute(1, 2, 0).numpy(), expected)
 
