@@ -8,9 +8,12 @@ The result is the CPU path's (``facetrain.data.transforms``): on the CPU device 
 decodes to PIL's pixels (PIL decodes with libjpeg-turbo too); the resize is bilinear on the
 half-pixel grid as albumentations' ``INTER_LINEAR``; each augmentation rounds to uint8 as
 albumentations' uint8 operations do; normalisation is the float32 arithmetic of
-``A.Normalize``'s lookup table. nvJPEG's IDCT and chroma upsampling differ from libjpeg-turbo's
-by about a grey level. Images the device decoder would not decode as PIL does (PNG, CMYK JPEG, a
-JPEG without its end marker) are decoded by the worker as on the CPU path and only moved.
+``A.Normalize``'s lookup table. nvJPEG (CUDA) is not bit-identical to libjpeg-turbo (its IDCT
+and chroma upsampling differ): torchvision's own tests bound the mean difference by 2 grey
+levels, as tests/test_gpu_decode.py does on a GPU. Images the device decoder would not decode as
+PIL does (PNG, CMYK, 12-bit, lossless or arithmetic-coded JPEG, a JPEG without its end marker)
+are decoded by the worker as on the CPU path and only moved; a stream that passes that check
+but fails on the device is replaced by another image of its batch and counted as a load failure.
 
 The device runs the augmentations of ``configs/data/augmentation/default.yaml`` (and ToGray):
 ``HorizontalFlip``, ``ColorJitter``, ``ToGray``; a pipeline with any other is refused.
