@@ -12,13 +12,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from helpers import run_cli
 from PIL import Image
 
+from facetrain.cli.compare import main
 from facetrain.compare import compare, load_run
 from facetrain.data import SyntheticFaces
 
 JOBS = {"0": "arcface", "1": "cosface"}
+
+
+def facetrain_compare(*args: str) -> None:
+    """``facetrain-compare ARGS``, in this process (the command's start-up is its imports)."""
+    main(list(args))
 
 
 def metrics_of(run: Path) -> dict:
@@ -76,15 +81,14 @@ def test_jobs_generating_the_same_synthetic_set_at_once_do_not_collide(tmp_path)
 
 
 @pytest.mark.slow
-def test_facetrain_compare_joins_the_runs(swept_runs, tmp_path):
+def test_facetrain_compare_joins_the_runs(swept_runs, tmp_path, capsys):
     incomplete = copy_run(swept_runs / "1", tmp_path / "crashed")
     (incomplete / "metrics.json").unlink()  # still training, or it crashed
     out = tmp_path / "report"
-    result = run_cli("compare", str(swept_runs), str(incomplete), f"output={out}", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "Traceback" not in result.stderr
-    assert f"facetrain-compare: skipped {incomplete}: no metrics.json" in result.stderr
-    assert "skipped 1 path(s); comparing 2 run(s)" in result.stderr
+    facetrain_compare(str(swept_runs), str(incomplete), f"output={out}")  # the console script
+    result = capsys.readouterr()
+    assert f"facetrain-compare: skipped {incomplete}: no metrics.json" in result.err
+    assert "skipped 1 path(s); comparing 2 run(s)" in result.err
 
     # The CSV holds each run's metrics.json numbers, unrounded.
     with (out / "compare.csv").open() as stream:
@@ -107,7 +111,7 @@ def test_facetrain_compare_joins_the_runs(swept_runs, tmp_path):
         assert cells[2] == f"{result_['accuracy']:.4f} ± {result_['accuracy_std']:.4f}"
         assert cells[3:5] == [f"{result_['auc']:.4f}", f"{result_['eer']:.4f}"]
         assert cells[-3:-1] == [str(metrics["epochs"]), str(metrics["steps"])]
-        assert line in result.stdout  # and printed
+        assert line in result.out  # and printed
     assert "## Warnings" not in markdown  # same seed, same pairs
 
     # Which settings differ: the loss, and not the paths inside each run's folder.
@@ -180,11 +184,12 @@ def test_runs_of_different_sweeps_and_what_makes_them_not_comparable(
     assert warning.startswith("verification set 'synthetic' is not the same pairs in every run")
 
 
-def test_nothing_to_compare_is_one_line(tmp_path):
+def test_nothing_to_compare_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     (tmp_path / "empty").mkdir()
-    result = run_cli("compare", str(tmp_path / "empty"), str(tmp_path / "missing"), cwd=tmp_path)
-    assert result.returncode != 0
-    assert result.stderr.strip() == (
+    with pytest.raises(SystemExit) as stop:  # the message is all the user sees: no traceback
+        facetrain_compare(str(tmp_path / "empty"), str(tmp_path / "missing"))
+    assert str(stop.value) == (
         f"facetrain-compare: compare error: no finished training runs to compare "
         f"({tmp_path / 'empty'}: no training runs in it (a run folder holds .hydra/config.yaml "
         f"and metrics.json); {tmp_path / 'missing'}: does not exist)"
