@@ -204,8 +204,8 @@ def _verification_digests(settings: dict, cwd: Path) -> dict[str, str]:
     bytes and, beside it, a generator's ``manifest.json`` (the synthetic faces': its images).
     A file no longer there is known by its path alone."""
     digests = {}
-    sets = {k.split(".")[2]: k for k in settings if k.startswith("data.verification.")}
-    for name in sets:
+    for name in dict.fromkeys(k.split(".")[2] for k in settings
+                              if k.startswith("data.verification.")):
         spec = settings.get(f"data.verification.{name}")
         if spec is None:  # a mapping: {path: ...} or {pairs: ..., images: ...}
             spec = settings.get(f"data.verification.{name}.path") or settings.get(
