@@ -19,7 +19,8 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from omegaconf.errors import InterpolationResolutionError
+from hydra.errors import InstantiationException
+from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
 from facetrain.checkpoint import CheckpointError
 from facetrain.data.images import DatasetError
@@ -50,11 +51,16 @@ def user_errors(tool: str, **more: type[Exception]) -> Iterator[None]:
     try:
         try:
             yield
-        except InterpolationResolutionError as wrapped:  # a resolver's error, as OmegaConf wraps
-            cause = wrapped.__cause__ or wrapped.__context__  # it (${facetrain.required:...})
-            if isinstance(cause, tuple(kinds.values())):
+        # What a resolver (${facetrain.required:...}) or a constructor that hydra.utils.instantiate
+        # called raised, as OmegaConf and Hydra wrap it.
+        except (InterpolationResolutionError, InstantiationException) as wrapped:
+            cause = wrapped.__cause__ or wrapped.__context__
+            if isinstance(cause, (*kinds.values(), MissingMandatoryValue)):
                 raise cause from None
             raise
+    except MissingMandatoryValue as missing:  # a ??? of the configs (data.train_root of data=rec)
+        raise SystemExit(f"{tool}: config error: {missing.full_key} must be given: add "
+                         f"{missing.full_key}=...") from None
     except tuple(kinds.values()) as error:
         kind = next(name for name, cls in kinds.items() if isinstance(error, cls))
         logging.getLogger(tool).debug("%s failed", tool, exc_info=True)
