@@ -5,10 +5,9 @@ import math
 import fsspec
 import pytest
 import torch
-
-from facetrain.checkpoint import AtomicCheckpointIO
 from omegaconf import OmegaConf
 
+from facetrain.checkpoint import AtomicCheckpointIO
 from facetrain.optim import (
     OptimizerConfigError,
     optimizer_for_batch,
