@@ -292,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
         child(package, args.child, args.quick, args.result)
         return 0
 
+    if args.readme is not None:
+        readme_parts(args.readme)  # a README without the markers fails now, not after the run
     if args.table_only:
         return write_table(load_results(args.output), args.output, args.readme)
     names = discover(package)
@@ -301,8 +303,6 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"python -m benchmarks: --only {' '.join(unknown)}: no such "
                              f"benchmark (with a quick()); choose from {', '.join(names)}")
         names = [name for name in names if name in args.only]
-    if args.readme is not None:
-        readme_parts(args.readme)  # a README without the markers fails now, not after the run
     timeout = args.timeout if args.timeout is not None else (900 if args.quick else None)
     command = " ".join(["python -m benchmarks", *(["--quick"] if args.quick else []),
                         *(["--only", *args.only] if args.only else []),

@@ -162,6 +162,8 @@ def test_full_sizes_only_and_refusals(package, tmp_path):
     for args, message in (
         (["--only", "nosuch"], "--only nosuch: no such benchmark"),
         (["--readme", str(no_markers)], f"{no_markers} needs exactly one line {BEGIN}"),
+        (["--table-only", "--readme", str(no_markers)], f"{no_markers} needs exactly one line"),
+        (["--table-only"], "results.json does not exist; run python -m benchmarks --quick"),
     ):
         (out / "results.json").unlink(missing_ok=True)
         result = runner("--quick", "--package", str(package), "--output", str(out), *args,
