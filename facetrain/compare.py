@@ -429,6 +429,52 @@ def rows(comparison: Comparison) -> list[dict]:
     return out
 
 
+def across_seeds(comparison: Comparison) -> list[dict]:
+    """The runs that differ only in ``seed``, side by side: per group of the other settings
+    and verification set, the accuracy of each seed, their mean and spread (max - min), best
+    mean first. Empty unless some group holds runs of two seeds or more."""
+    if "seed" not in comparison.differing:
+        return []
+    others = [name for name in comparison.differing if name != "seed"]
+    shown = [name for name in others if name.endswith(" (group)")] or others
+    groups: dict[tuple, list[Run]] = {}
+    for run in comparison.runs:
+        groups.setdefault(tuple(json.dumps(setting(run, n), default=str) for n in others),
+                          []).append(run)
+    if all(len(runs) < 2 for runs in groups.values()):
+        return []
+    seeds = sorted({run.settings["seed"] for run in comparison.runs}, key=str)
+    out = []
+    for runs in groups.values():
+        label = " ".join(f"{n.removesuffix(' (group)')}={setting(runs[0], n)}" for n in shown)
+        for name in runs[0].metrics["verification"]:
+            by_seed = {run.settings["seed"]: run.metrics["verification"].get(name, {})
+                       .get("accuracy") for run in runs}
+            found = [a for a in by_seed.values() if a is not None]
+            out.append({"runs": label or "-", "set": name,
+                        **{f"seed {seed}": by_seed.get(seed) for seed in seeds},
+                        "mean": sum(found) / len(found) if found else None,
+                        "spread": max(found) - min(found) if len(found) > 1 else None})
+    return sorted(out, key=lambda row: (row["set"], -(row["mean"] or 0)))
+
+
+def seeds_table(comparison: Comparison) -> list[str]:
+    """``across_seeds`` as markdown lines (none when there is nothing to put side by side)."""
+    summary = across_seeds(comparison)
+    if not summary:
+        return []
+    header = list(summary[0])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in summary:
+        lines.append("| " + " | ".join(
+            _cell(v) if k in ("runs", "set") else _number(v) for k, v in row.items()) + " |")
+    spreads = [row["spread"] for row in summary if row["spread"] is not None]
+    largest = f" (largest {max(spreads):.4f}, mean {sum(spreads) / len(spreads):.4f})" \
+        if spreads else ""
+    return lines + ["", f"accuracy: 10-fold mean of the last validation; spread: max - min "
+                    f"over the seeds{largest}."]
+
+
 def markdown(comparison: Comparison, image: str | None = "compare.png") -> str:
     fars = comparison.far_targets
     header = ["run", "set", "accuracy", "AUC", "EER", *[f"TAR@FAR={f}" for f in fars],
@@ -446,6 +492,8 @@ def markdown(comparison: Comparison, image: str | None = "compare.png") -> str:
               "validation, as metrics.json); time: the run's wall time, first to last line of "
               "its train.log (data scan, baselines, training, validation), summed over "
               "its starts if it was resumed."]
+    if seeds := seeds_table(comparison):
+        lines += ["", "## Across seeds", "", *seeds]
     if comparison.differing:
         labels = [run.label for run in comparison.runs]
         lines += ["", "## Settings that differ", "", "| setting | " + " | ".join(labels) + " |",

@@ -15,7 +15,7 @@ import yaml
 from PIL import Image
 
 from facetrain.cli.compare import main
-from facetrain.compare import compare, load_run
+from facetrain.compare import across_seeds, compare, load_run, markdown
 from facetrain.data import SyntheticFaces
 
 JOBS = {"0": "arcface", "1": "cosface"}
@@ -195,3 +195,25 @@ def test_nothing_to_compare_is_one_line(tmp_path, monkeypatch):
         f"and metrics.json); {tmp_path / 'missing'}: does not exist)"
     )
     assert not (tmp_path / "outputs").exists()  # no report written
+
+
+@pytest.mark.slow
+def test_runs_of_two_seeds_are_put_side_by_side(swept_runs, tmp_path):
+    # Two seeds of the sweep's two heads, with accuracies set by hand.
+    accuracies = {("arcface", 1): 0.81, ("arcface", 2): 0.85, ("cosface", 1): 0.90,
+                  ("cosface", 2): 0.86}
+    for (loss, seed), accuracy in accuracies.items():
+        job = next(j for j, name in JOBS.items() if name == loss)
+        run = copy_run(swept_runs / job, tmp_path / f"seed{seed}" / loss,
+                       lambda config, seed=seed: config.update(seed=seed))
+        metrics = metrics_of(run)
+        metrics["verification"]["synthetic"]["accuracy"] = accuracy
+        (run / "metrics.json").write_text(json.dumps(metrics))
+    comparison = compare([tmp_path / "seed1", tmp_path / "seed2"])
+    summary = across_seeds(comparison)
+    assert [(row["runs"], row["seed 1"], row["seed 2"]) for row in summary] == [
+        ("loss=cosface", 0.90, 0.86), ("loss=arcface", 0.81, 0.85)]  # best mean first
+    assert [row["mean"] for row in summary] == pytest.approx([0.88, 0.83])
+    assert [row["spread"] for row in summary] == pytest.approx([0.04, 0.04])
+    assert "## Across seeds" in markdown(comparison)
+    assert across_seeds(compare([tmp_path / "seed1"])) == []  # one seed: nothing to pair
