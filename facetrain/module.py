@@ -50,6 +50,15 @@ class NonFiniteError(TrainingError, FloatingPointError):
     """The run stopped on non-finite losses or gradients (``model.nonfinite``)."""
 
 
+class StepTensors(NamedTuple):
+    """What every training step visits, listed once per fit (``FaceRecognitionModule.
+    step_tensors``)."""
+
+    parameters: list[nn.Parameter]  # all of them: the non-finite check, a skip drops their grads
+    backbone: list[nn.Parameter]  # gradient clipping
+    buffers: list[torch.Tensor]  # snapshot before the step, put back by a skipped one
+
+
 class ValidatedSet(NamedTuple):
     """One verification set at the end of a validation epoch, for callbacks to show."""
 
@@ -101,6 +110,9 @@ class FaceRecognitionModule(pl.LightningModule):
     steps in a row stop the run (``NonFiniteError``): it is diverging, not meeting a bad batch.
     ``"stop"``: the first one stops the run. fp16 loss-scaling overflows are the GradScaler's
     business (it skips the step and lowers its scale): counted as ``train/amp_overflow_steps``.
+
+    ``compile``: the backbone's training forward runs through ``torch.compile`` (inductor);
+    weights, checkpoints and validation are those of the uncompiled backbone.
     """
 
     def __init__(
@@ -113,6 +125,7 @@ class FaceRecognitionModule(pl.LightningModule):
         weight_decay: Mapping[str, float] | None = None,
         flip_test: bool = True,
         channels_last: bool = False,
+        compile: bool = False,
         description: Mapping | None = None,
         nonfinite: str = "skip",
         max_nonfinite_in_a_row: int = 5,
@@ -153,6 +166,7 @@ class FaceRecognitionModule(pl.LightningModule):
         self._step_rows = 0
         self._last_batch: tuple[torch.Tensor, torch.Tensor] | None = None
         self._buffer_snapshot: list[torch.Tensor] | None = None  # the buffers before the step
+        self._step_tensors: StepTensors | None = None
         self._snapshot_due = True
         self._labels_checked = False
         self.optimizer_factory = optimizer
@@ -162,6 +176,15 @@ class FaceRecognitionModule(pl.LightningModule):
         self.channels_last = channels_last
         if channels_last:  # NHWC convolutions: ~1.6x faster MobileFaceNet steps on CPU (oneDNN)
             self.backbone.to(memory_format=torch.channels_last)
+        if not isinstance(compile, bool):
+            raise TrainingError(f"model.compile must be true or false, got {compile!r}")
+        # The training forward through torch.compile, built lazily at the first step. Kept as a
+        # plain function beside the module, not registered in it: parameters, buffers and
+        # state_dict names stay the backbone's own (no ``_orig_mod.``), so a compiled run's
+        # checkpoint loads into an uncompiled run, facetrain-eval and export, and resumes either
+        # way. Validation stays eager: eval mode under inference mode, with a last batch of
+        # another size, would be more graphs to compile for a few batches per epoch.
+        self._compiled_forward = torch.compile(self.backbone.forward) if compile else None
         self.description = dict(description) if description is not None else None
         self.verification_results: dict[str, dict[str, float]] = {}
         self.last_validation: dict[str, ValidatedSet] = {}  # the latest validation, per set
@@ -176,7 +199,8 @@ class FaceRecognitionModule(pl.LightningModule):
         return images
 
     def on_train_start(self) -> None:
-        self._buffer_snapshot, self._snapshot_due = None, True  # the model sits on its device now
+        # The model sits on its device now: moving it replaced its buffer tensors.
+        self._buffer_snapshot, self._snapshot_due, self._step_tensors = None, True, None
         self._check_clipping_sees_unscaled_gradients()
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
@@ -188,43 +212,65 @@ class FaceRecognitionModule(pl.LightningModule):
         if self.nonfinite == "skip" and self._snapshot_due:  # the step's first forward
             self._snapshot_buffers()
 
+    def step_tensors(self) -> StepTensors:
+        """The parameters and buffers the step's checks visit, listed at the first step of each
+        fit: walking the module tree costs ~0.5 ms a walk on a CPU (MobileFaceNet: 183
+        parameters, 150 buffers), three walks a step, against the 1.02x framework-overhead aim
+        (benchmarks.framework_overhead). Parameters keep their identity through ``.to()``;
+        buffers are updated in place (BatchNorm, every margin's state), never reassigned."""
+        if self._step_tensors is None:
+            self._step_tensors = StepTensors(
+                list(self.parameters()), list(self.backbone.parameters()), list(self.buffers())
+            )
+        return self._step_tensors
+
     def _is_logging_step(self) -> bool:
-        # Lightning writes logged values on the steps where (step + 1) % log_every_n_steps == 0.
-        return (self.global_step + 1) % self.trainer.log_every_n_steps == 0
+        # Lightning writes logged on-step values on the steps where (step + 1) %
+        # log_every_n_steps == 0 and when the run stops (its should_update_logs), never with 0.
+        every = self.trainer.log_every_n_steps
+        return bool(every) and ((self.global_step + 1) % every == 0 or self.trainer.should_stop)
 
     def training_step(self, batch, batch_idx: int) -> dict:
         images, labels = batch
         labels = labels.long()  # any integer dtype (checked on the first batch); gather takes int64
-        embeddings = self.backbone(self._memory_format(images))
-        loss, statistics = self._classification_loss(embeddings, labels)
+        embeddings = (self._compiled_forward or self.backbone)(self._memory_format(images))
+        # Values are logged on the steps Lightning writes them, the logging steps, only: each
+        # self.log costs ~0.3 ms of CPU, the framework's largest per-step cost after the model
+        # (benchmarks.framework_overhead). The progress bar shows the latest logging step's.
+        logging_step = self._is_logging_step()
+        loss, statistics = self._classification_loss(embeddings, labels, logging_step)
         for name, term in self.losses.items():
             output = term(embeddings, labels)
-            self.log(f"train/{name}_loss", output.loss)  # unweighted: comparable across weights
-            for metric, value in output.metrics.items():
-                self.log(f"train/{name}_{metric}", value)
+            if logging_step:
+                self.log(f"train/{name}_loss", output.loss)  # unweighted: comparable by weight
+                for metric, value in output.metrics.items():
+                    self.log(f"train/{name}_{metric}", value)
             weighted = self.loss_weights[name] * output.loss
             loss = weighted if loss is None else loss + weighted
         self._note_forward(loss, embeddings, labels)
-        self.log("train/loss", loss, prog_bar=True)
+        if logging_step:
+            self.log("train/loss", loss, prog_bar=True)
         # embeddings and statistics for the callbacks' batch-end hooks (histograms)
         return {"loss": loss, "embeddings": embeddings.detach(), "statistics": statistics}
 
-    def _classification_loss(self, embeddings: torch.Tensor, labels: torch.Tensor
-                             ) -> tuple[torch.Tensor | None, dict | None]:
-        """The head's cross-entropy (and its extra term), logged; statistics on logging steps.
-        (None, None) without a head."""
+    def _classification_loss(self, embeddings: torch.Tensor, labels: torch.Tensor,
+                             logging_step: bool) -> tuple[torch.Tensor | None, dict | None]:
+        """The head's cross-entropy (and its extra term); on a ``logging_step``, logged with the
+        head's state and statistics. (None, None) without a head."""
         if self.classifier is None:
             return None, None
-        output = self.classifier(embeddings, labels, self.head, statistics=self._is_logging_step())
+        output = self.classifier(embeddings, labels, self.head, statistics=logging_step)
         loss = output.loss
-        if self.losses:
+        if self.losses and logging_step:
             self.log("train/classification_loss", loss)
         extra = self.head.extra_loss()
         if extra is not None:
-            self.log("train/head_extra_loss", extra)
+            if logging_step:
+                self.log("train/head_extra_loss", extra)
             loss = loss + extra
-        for name, value in self.head.state_metrics().items():  # lambda, t, learnt scale, ...
-            self.log(f"train/head_{name}", value)
+        if logging_step:
+            for name, value in self.head.state_metrics().items():  # lambda, t, learnt scale, ...
+                self.log(f"train/head_{name}", value)
         if output.statistics is not None:
             self._log_head_statistics(output.statistics)
         return loss, output.statistics
@@ -378,7 +424,8 @@ class FaceRecognitionModule(pl.LightningModule):
             return
         flags = torch.cat([
             self._step_flags,
-            non_finite_tensors(p.grad for p in self.parameters()).to(self._step_flags.device),
+            non_finite_tensors([p.grad for p in self.step_tensors().parameters]).to(
+                self._step_flags.device),
             self._step_flags.new_tensor([self._step_rows]),
         ])
         bad_loss, bad_rows, bad_gradients, rows = all_reduce_sum(flags).tolist()
@@ -447,7 +494,7 @@ class FaceRecognitionModule(pl.LightningModule):
         return ", ".join(f"{name}={float(value):.4g}" for name, value in values.items())
 
     def _drop_gradients(self) -> None:
-        for parameter in self.parameters():
+        for parameter in self.step_tensors().parameters:
             parameter.grad = None
 
     def _snapshot_buffers(self) -> None:
@@ -455,7 +502,7 @@ class FaceRecognitionModule(pl.LightningModule):
         a forward on a bad batch has already moved them (one NaN image makes BatchNorm's running
         statistics NaN; AdaFace's norm statistics and CurricularFace's t would follow). Device
         copies, no host sync; buffers are a small fraction of the parameters."""
-        buffers = list(self.buffers())
+        buffers = self.step_tensors().buffers
         if self._buffer_snapshot is None or len(self._buffer_snapshot) != len(buffers):
             self._buffer_snapshot = [buffer.detach().clone() for buffer in buffers]
         elif buffers:
@@ -464,7 +511,7 @@ class FaceRecognitionModule(pl.LightningModule):
 
     @torch.no_grad()
     def _restore_buffers(self) -> None:
-        buffers = list(self.buffers())
+        buffers = self.step_tensors().buffers
         if buffers and self._buffer_snapshot is not None:
             torch._foreach_copy_(buffers, self._buffer_snapshot)
 
@@ -542,7 +589,7 @@ class FaceRecognitionModule(pl.LightningModule):
         # gradients left: nothing to clip.
         if not gradient_clip_val:
             return
-        gradients = [p for p in self.backbone.parameters() if p.grad is not None]
+        gradients = [p for p in self.step_tensors().backbone if p.grad is not None]
         if gradient_clip_algorithm == "value":
             torch.nn.utils.clip_grad_value_(gradients, gradient_clip_val)
         else:
