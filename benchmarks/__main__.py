@@ -52,21 +52,17 @@ OUTPUT_KEPT = 6000  # characters of each benchmark's printed output kept in resu
 TAIL_SHOWN = 15  # lines of a failed benchmark's output printed with the progress
 
 
+def functions(path: Path) -> set[str]:
+    """The names of the module's top-level functions, read from its source (not imported)."""
+    tree = ast.parse(path.read_text(), str(path))
+    return {node.name for node in tree.body if isinstance(node, ast.FunctionDef)}
+
+
 def discover(package: Path) -> list[str]:
-    """The modules of ``package`` with a top-level ``def quick``, by name, from their source."""
-    names = []
-    for path in sorted(package.glob("*.py")):
-        if path.stem.startswith("_") or path.stem in NOT_BENCHMARKS:
-            continue
-        tree = ast.parse(path.read_text(), str(path))
-        if any(isinstance(node, ast.FunctionDef) and node.name == "quick" for node in tree.body):
-            names.append(path.stem)
-    return names
-
-
-def defines_full(package: Path, name: str) -> bool:
-    tree = ast.parse((package / f"{name}.py").read_text())
-    return any(isinstance(node, ast.FunctionDef) and node.name == "full" for node in tree.body)
+    """The modules of ``package`` with a top-level ``def quick``, by name."""
+    return [path.stem for path in sorted(package.glob("*.py"))
+            if not path.stem.startswith("_") and path.stem not in NOT_BENCHMARKS
+            and "quick" in functions(path)]
 
 
 def check_figures(figures, name: str) -> list[dict]:
@@ -107,7 +103,7 @@ def last_line(text: str) -> str:
 def run_one(package: Path, name: str, quick: bool, timeout: float | None,
             threads: int | None) -> dict:
     """Run benchmark ``name`` in a fresh process; its outcome as one entry of results.json."""
-    if not quick and not defines_full(package, name):
+    if not quick and "full" not in functions(package / f"{name}.py"):
         return {"name": name, "status": "skipped", "seconds": 0.0, "figures": [],
                 "reason": f"no full(): full sizes are python -m {package.name}.{name}"}
     env = dict(os.environ)
