@@ -110,7 +110,8 @@ def test_device_batch_equals_cpu_batch(source, augmentation, faces, pack):
         assert images.shape == cpu_images.shape == (8, 3, 112, 112)
         exact = labels != small
         assert torch.equal(images[exact], cpu_images[exact])
-        assert (images[~exact] - cpu_images[~exact]).abs().max() <= LEVEL + 1e-6
+        if (~exact).any():  # a batch may hold no resized image
+            assert (images[~exact] - cpu_images[~exact]).abs().max() <= LEVEL + 1e-6
 
 
 def png(image: np.ndarray) -> bytes:
