@@ -100,6 +100,18 @@ def _warmup(step: int, warmup_steps: int) -> float:
     return (step + 1) / warmup_steps if step < warmup_steps else 1.0
 
 
+def _warmup_then(decay: Callable[[float], float], warmup_steps: int,
+                 total_steps: int) -> Callable[[int], float]:
+    """The factor of a linear warm-up, then ``decay(progress)``, progress going 0 -> 1 over
+    the steps after the warm-up."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return _warmup(step, warmup_steps)
+        return decay(min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps)))
+
+    return factor
+
+
 def warmup_cosine(
     optimizer: Optimizer,
     total_steps: int,
@@ -111,12 +123,10 @@ def warmup_cosine(
     ``min_lr_ratio`` × the base learning rate."""
     warmup_steps = max(1, round(warmup_fraction * total_steps))
 
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return _warmup(step, warmup_steps)
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    def cosine(progress: float) -> float:
         return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
+    factor = _warmup_then(cosine, warmup_steps, total_steps)
     return FixedLengthSchedule(optimizer, factor, total_steps, extend_on_resume)
 
 
@@ -151,11 +161,5 @@ def warmup_poly(
     (``train_v2.py`` builds it with its default power 1, a linear decay; the older
     ``PolyScheduler`` used 2)."""
     warmup_steps = max(1, round(warmup_fraction * total_steps))
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return _warmup(step, warmup_steps)
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return (1 - progress) ** power
-
+    factor = _warmup_then(lambda progress: (1 - progress) ** power, warmup_steps, total_steps)
     return FixedLengthSchedule(optimizer, factor, total_steps, extend_on_resume)
