@@ -3,6 +3,7 @@ a wheel carries the config tree, so its console scripts run from any folder."""
 
 import json
 import shutil
+import site
 import subprocess
 import sys
 import venv
@@ -63,6 +64,11 @@ def installed_wheel(tmp_path_factory) -> Path:
     environment = root / "venv"
     venv.create(environment, system_site_packages=True, with_pip=False)
     python = environment / "bin" / "python"
+    # Run from a virtual environment, the dependencies are in its site-packages, which the new
+    # venv (based on the base interpreter) does not see: list them after its own, as plain paths
+    # (their .pth files, such as the checkout's editable install, are not processed).
+    (site_packages,) = environment.glob("lib/python*/site-packages")
+    (site_packages / "dependencies.pth").write_text("\n".join(site.getsitepackages()) + "\n")
     # The venv has no pip of its own: the system's runs, installing into the venv's prefix.
     # --ignore-installed: the system's (editable) facetrain is seen but neither used nor touched.
     subprocess.run([str(python), *pip[1:], "install", "--no-deps", "--no-index",
