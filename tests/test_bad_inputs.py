@@ -1,5 +1,5 @@
-"""Rows of the README's "When the input is wrong" that no other test covered: each test builds
-the bad input, runs the code a user runs on it and checks the outcome the README promises."""
+"""Rows of docs/errors.md ("When the input is wrong") that no other test covered: each test builds
+the bad input, runs the code a user runs on it and checks the outcome the page promises."""
 
 import logging
 import struct

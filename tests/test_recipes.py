@@ -4,7 +4,6 @@ batch, a few epochs, the learning rate rescaled by the recipe's own rule), learn
 held-out identities clearly better than the untrained network."""
 
 import math
-import os
 from pathlib import Path
 
 import pytest
@@ -89,14 +88,18 @@ def test_compare_heads_cpu_sweeps_every_margin_head_with_one_seed_and_data(tmp_p
         assert cfg.data.synthetic.seed == 0  # the faces and pairs do not follow the run's seed
 
 
-# Shrunk: the synthetic faces at 32x32, 16 per batch on one CPU process in float32, a few epochs
-# (fractions of training place the recipe's milestones). IResNets keep their units' design at one
-# unit per stage (IResNet-10): an IResNet-100 step takes seconds on a CPU. The recipe's head,
-# its hyper-parameters, optimizer, schedule and learning-rate rule are the recipe's own.
-EPOCHS = 4
-SHRINK = ["data.image_size=[32,32]", "data.batch_size=16", "trainer=default",
+# Shrunk: the tiny synthetic faces (40 identities) at 16x16, 64 per batch on one CPU process in
+# float32, 12 epochs of 6 steps, validated once at the end (fractions of training place the
+# recipe's milestones). IResNets keep their units' design at one unit per stage (IResNet-10): an
+# IResNet-100 step takes seconds on a CPU. The recipe's head, its hyper-parameters, optimizer,
+# schedule and learning-rate rule are the recipe's own: at batch 64 the rate is 1/16 to 1/4 of the
+# paper's.
+BATCH, EPOCHS = 64, 12
+SHRINK = ["data.image_size=[16,16]", f"data.batch_size={BATCH}", "trainer=default",
           "trainer.precision=32-true", f"trainer.max_epochs={EPOCHS}", "++trainer.max_steps=-1",
-          "logger=none", "~callbacks.projector", "~callbacks.histograms"]
+          f"trainer.check_val_every_n_epoch={EPOCHS}", "logger=none", "~callbacks.projector",
+          "~callbacks.histograms", "~callbacks.roc", "~callbacks.throughput",
+          "~callbacks.last_checkpoint"]
 
 
 def shrink(recipe: str) -> list[str]:
@@ -116,23 +119,25 @@ def shrunk_runs(tiny_faces, tmp_path_factory):
             reference = cfg.optimizer.reference_batch
             base = cfg.optimizer.lr
             metrics = train(cfg)
-        results[recipe] = metrics, base * 16 / reference
+        results[recipe] = metrics, base * BATCH / reference
     return results
 
 
-# Not yet calibrated on idle cores (the budget and margin above are first guesses: SphereFace-20
-# and MobileFaceNet learned +0.17 / +0.12 in 4 epochs at 16x16 under load, an IResNet-10 recipe
-# less at 32x32): run with FACETRAIN_RECIPE_TRAINING=1 until they are part of the suite.
+# The AUC, not the accuracy: on 200 pairs the accuracy moves in steps of 0.005 with a fold spread
+# of 0.05, while the AUC ranks every pair. Measured through train.py with one thread (untrained ->
+# trained AUC): SphereFace-20 0.699 -> 0.926, L-Softmax 0.699 -> 0.773; IResNet-10 (0.789
+# untrained) NormFace 0.898, ArcFace CASIA 0.904, CosFace 0.858, ArcFace MS1M 0.864,
+# CurricularFace 0.908, AdaFace 0.895, MagFace 0.893; MobileFaceNet + ArcFace 0.649 -> 0.795.
+# The smallest gain is +0.069 (CosFace, at 1/16 of the paper's rate).
+MARGIN = 0.04
 @pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("FACETRAIN_RECIPE_TRAINING"),
-                    reason="shrunk recipe training: set FACETRAIN_RECIPE_TRAINING=1 (uncalibrated)")
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_a_shrunk_recipe_learns(shrunk_runs, recipe):
     metrics, learning_rate = shrunk_runs[recipe]
-    untrained = metrics["baselines"]["untrained"]["synthetic"]
-    accuracy = metrics["verification"]["synthetic"]["accuracy"]
+    untrained = metrics["baselines"]["untrained_auc"]["synthetic"]
+    auc = metrics["verification"]["synthetic"]["auc"]
     assert metrics["nonfinite_skipped_steps"] == 0, recipe
-    assert accuracy >= untrained + 0.08, f"{recipe}: {untrained:.3f} untrained -> {accuracy:.3f}"
-    # The rate the run used: the recipe's lr at its reference batch, linearly to 16.
-    assert metrics["global_batch"] == 16
+    assert auc >= untrained + MARGIN, f"{recipe}: AUC {untrained:.3f} untrained -> {auc:.3f}"
+    # The rate the run used: the recipe's lr at its reference batch, linearly to the batch.
+    assert metrics["global_batch"] == BATCH
     assert math.isclose(metrics["learning_rate"], learning_rate, rel_tol=1e-9)

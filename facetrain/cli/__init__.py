@@ -7,6 +7,8 @@ third-party logging and one-line exits for errors the user can fix.
     facetrain-export ...           python -m facetrain.cli.export ...
     facetrain-pack ...             python -m facetrain.cli.pack ...        (argparse)
     facetrain-synthetic ...        python -m facetrain.cli.synthetic ...   (argparse)
+    facetrain-align ...            python -m facetrain.cli.align ...
+    facetrain-compare ...          python -m facetrain.cli.compare ...     (argparse)
 
 A console script and ``python -m`` run the same ``main``. The work itself is library code
 (``facetrain.train``, ``facetrain.eval``, ``facetrain.embed``, ``facetrain.export``,
