@@ -331,6 +331,7 @@ def _label(runs: list[Run], differing: list[str]) -> None:
         run.label = path.relative_to(common).as_posix()
         shown = [f"{name.removesuffix(' (group)')}={setting(run, name)}"[:40]
                  for name in groups[:LEGEND_SETTINGS]]
+        shown = [item for item in shown if item not in run.label]  # the folder says loss=arcface
         run.legend = " ".join([run.label, *shown])
 
 
@@ -522,36 +523,51 @@ def draw_figure(comparison: Comparison):
     from matplotlib.ticker import MaxNLocator
 
     one_set = len({n for r in comparison.runs for n in r.metrics["verification"]}) <= 1
-    figure = Figure(figsize=(12, 4.8), dpi=100)
+    labels = [run.legend if one_set else f"{run.legend}: {name}"
+              for run in comparison.runs for name in run.metrics["verification"]]
+    # One legend below both panels (a curve has the same colour and dash in each), in columns
+    # that grow with the number of curves; the figure grows by its rows.
+    columns = min(3, 1 + len(labels) // 8)
+    legend_rows = -(-len(labels) // columns)
+    legend_height = 0.25 * legend_rows + 0.3
+    figure = Figure(figsize=(12, 4.8 + legend_height), dpi=100)
     accuracy_axes, roc_axes = figure.subplots(1, 2)
-    palette = rcParams["axes.prop_cycle"].by_key()["color"]  # one colour per curve, both panels
-    curves, roc, roc_colors, i = {}, {}, [], 0
+    palette = rcParams["axes.prop_cycle"].by_key()["color"]
+    dashes = ("-", "--", ":", "-.")  # past the palette's colours, the next dash
+    styles = [(palette[i % len(palette)], dashes[i // len(palette) % len(dashes)])
+              for i in range(len(labels))]
+    roc, roc_styles, i = {}, [], 0
     for run in comparison.runs:
         for name in run.metrics["verification"]:
-            label = run.legend if one_set else f"{run.legend}: {name}"
+            color, dash = styles[i]
             if name in run.accuracy_by_epoch:
                 epochs, accuracy = zip(*run.accuracy_by_epoch[name], strict=True)
-                accuracy_axes.plot(epochs, accuracy, marker="o", color=palette[i % len(palette)],
-                                   label=label)
-                curves[label] = True
+                accuracy_axes.plot(epochs, accuracy, marker="o", color=color, linestyle=dash,
+                                   label=labels[i])
             if name in run.roc:
-                roc[label] = run.roc[name]
-                roc_colors.append(palette[i % len(palette)])
+                roc[labels[i]] = run.roc[name]
+                roc_styles.append((color, dash))
             i += 1
     accuracy_axes.set_xlabel("epochs trained (0: before training)")
     accuracy_axes.set_ylabel("verification accuracy (10-fold)")
     accuracy_axes.set_title("verification accuracy per epoch")
     accuracy_axes.grid(True, alpha=0.3)
     accuracy_axes.xaxis.set_major_locator(MaxNLocator(integer=True))
-    if curves:
-        accuracy_axes.legend(fontsize="small")
     if roc:
-        roc_axes.set_prop_cycle(color=roc_colors)
+        colors, linestyles = zip(*roc_styles, strict=True)
+        roc_axes.set_prop_cycle(color=list(colors), linestyle=list(linestyles))
         draw_roc(roc_axes, roc)
+        roc_axes.get_legend().remove()
     else:
         roc_axes.text(0.5, 0.5, "no ROC data in these runs", ha="center", va="center")
+    handles, shown = accuracy_axes.get_legend_handles_labels()
+    if not handles:
+        handles, shown = roc_axes.get_legend_handles_labels()
+    if handles:
+        figure.legend(handles, shown, loc="lower center", ncol=columns, fontsize="small",
+                      frameon=False)
     roc_axes.set_title("ROC, last validation")
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, legend_height / (4.8 + legend_height), 1, 1))
     return figure
 
 
